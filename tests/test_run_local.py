@@ -1,0 +1,205 @@
+"""`usmlab test` on the local target: real workloads, real TLS, real processes, real signals."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+from pathlib import Path
+
+import pytest
+from labrun import (
+    free_port,
+    interrupt_when,
+    needs_tracer,
+    only_run_dir,
+    processes_of_run,
+    read_jsonl,
+    run_usmlab,
+    usmlab_argv,
+)
+
+
+def lab_args(tmp_path, *extra: str, port: int | None = None) -> list[str]:
+    port = port or free_port()
+    return [
+        "--target", "local",
+        "--runs-dir", str(tmp_path / "runs"),
+        "--state-dir", str(tmp_path / "state"),
+        "--url", f"https://127.0.0.1:{port}",
+        *extra,
+    ]  # fmt: skip
+
+
+def test_scenario1_leaves_every_artifact_with_matching_requests(tmp_path):
+    done = run_usmlab(
+        "test", "scenario1", *lab_args(tmp_path, "--interval", "50ms", "--tracer", "none")
+    )
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    assert str(run_dir) in done.stdout
+    assert run_dir.name.endswith("-scenario1-local")
+    for name in ("manifest.json", "client.jsonl", "server.jsonl", "client.log", "server.log"):
+        assert (run_dir / name).stat().st_size > 0, name
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "complete"
+    assert manifest["scenario"] == "scenario1"
+    assert manifest["parameters"]["count"] == 10
+    assert manifest["tracer"] == "none"
+    assert {p["role"] for p in manifest["processes"]} >= {"server", "client"}
+    for key in ("python", "openssl", "kernel", "host"):
+        assert manifest["target"][key]
+    assert manifest["usmlab_version"]
+    for name in ("client.jsonl", "server.jsonl", "client.log"):
+        assert len(manifest["files"][name]["sha256"]) == 64
+
+    client = read_jsonl(run_dir / "client.jsonl")
+    server = read_jsonl(run_dir / "server.jsonl")
+    assert [r["status"] for r in client] == [200] * 10
+    by_port = {r["peer_port"]: r["path"] for r in server}
+    assert {r["local_port"]: r["path"] for r in client} == by_port
+    client_pid = next(p["pid"] for p in manifest["processes"] if p["role"] == "client")
+    assert {r["pid"] for r in client} == {client_pid}
+    assert processes_of_run(manifest["run_id"]) == []
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_mid_run_stops_everything_and_keeps_the_files(tmp_path, sig):
+    proc = subprocess.Popen(
+        usmlab_argv("test", "scenario2", *lab_args(tmp_path, "--tracer", "none")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, err = interrupt_when(proc, tmp_path / "runs", "client.jsonl", sig)
+    assert code == 130, err
+    run_dir = only_run_dir(tmp_path / "runs")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert processes_of_run(manifest["run_id"]) == []
+    assert read_jsonl(run_dir / "client.jsonl")
+    assert "client.jsonl" in manifest["files"]
+    assert "Traceback" not in err
+
+
+def test_a_busy_port_names_its_holder(tmp_path):
+    with socket.socket() as holder:
+        holder.bind(("127.0.0.1", 0))
+        holder.listen()
+        port = holder.getsockname()[1]
+        done = run_usmlab("test", "scenario1", *lab_args(tmp_path, "--tracer", "none", port=port))
+    assert done.returncode == 1
+    assert f"port {port} is in use by pid" in done.stderr
+    assert "Traceback" not in done.stderr
+    manifest = json.loads((only_run_dir(tmp_path / "runs") / "manifest.json").read_text())
+    assert manifest["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["test", "scenario9"], "unknown scenario"),
+        (["test", "scenario1", "--count", "-1"], "count"),
+        (["test", "scenario1", "--url", "http://127.0.0.1:8443"], "malformed URL"),
+        (["test", "scenario1", "--url", "notaurl"], "malformed URL"),
+        (["test", "scenario1", "--interval", "abc"], "malformed interval"),
+        (["test", "scenario1", "--tracer", "strace"], "unknown tracer"),
+        (["test", "scenario1", "--target", "ftp://x"], "unknown target"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
+    from typer.testing import CliRunner
+
+    from usmlab.cli import app
+
+    result = CliRunner().invoke(app, [*args, "--runs-dir", str(tmp_path / "runs")])
+    assert result.exit_code == 2, result.output
+    assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists()
+
+
+def test_scenarios_lists_each_with_its_goal():
+    from typer.testing import CliRunner
+
+    from usmlab.cli import app
+
+    result = CliRunner().invoke(app, ["scenarios"])
+    assert result.exit_code == 0
+    for name, goal in [
+        ("scenario1", "Verify eBPF captures requests with correct PID"),
+        ("scenario2", "Sustained traffic to test for sporadic issues"),
+        ("scenario3", "High-frequency requests to stress test"),
+    ]:
+        assert name in result.output
+        assert goal in result.output
+
+
+def test_the_library_runs_a_scenario_without_the_cli(tmp_path):
+    from usmlab.runner import LabRun
+    from usmlab.scenarios import get_scenario
+    from usmlab.targets.local import LocalTarget
+
+    scenario = get_scenario("scenario3")
+    params = scenario.with_overrides(
+        count=20, interval=0.02, url=f"https://127.0.0.1:{free_port()}", concurrency=2
+    )
+    messages: list[str] = []
+    result = LabRun(
+        LocalTarget(work_dir=tmp_path / "work"),
+        scenario,
+        params,
+        runs_dir=tmp_path / "runs",
+        tracer="none",
+        state_dir=tmp_path / "state",
+        progress=messages.append,
+    ).execute()
+    assert result.status == "complete"
+    assert result.manifest["client_summary"]["ok"] == 20
+    assert any("server: ready" in m for m in messages)
+    assert threading.active_count() >= 1
+
+
+def current_trace_clock() -> str:
+    text = Path("/sys/kernel/tracing/trace_clock").read_text()
+    return next(w.strip("[]") for w in text.split() if w.startswith("["))
+
+
+@needs_tracer
+@pytest.mark.parametrize("ready", ["tracer.log", "client.jsonl"])
+def test_ctrl_c_with_the_tracer_restores_tracefs_and_leaves_nothing(tmp_path, ready):
+    """Interrupted while the tracer attaches, or mid-traffic: same clean end either way."""
+    proc = subprocess.Popen(
+        usmlab_argv("test", "scenario2", *lab_args(tmp_path, "--tracer", "builtin")),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    code, err = interrupt_when(proc, tmp_path / "runs", ready, signal.SIGINT)
+    assert code == 130, err
+    run_dir = only_run_dir(tmp_path / "runs")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["status"] == "interrupted"
+    assert processes_of_run(manifest["run_id"]) == []
+    assert current_trace_clock() == manifest["tracefs"]["trace_clock"]
+    assert (run_dir / "trace_pipe.log").exists()
+
+
+@needs_tracer
+def test_a_second_trace_pipe_reader_is_a_clear_error(tmp_path):
+    from usmlab.kit.tracefs import find_tracefs
+
+    path, _ = find_tracefs()
+    assert path is not None
+    other = subprocess.Popen(["cat", f"{path}/trace_pipe"], stdout=subprocess.DEVNULL)
+    try:
+        done = run_usmlab("test", "scenario1", *lab_args(tmp_path, "--tracer", "builtin"))
+    finally:
+        other.terminate()
+        other.wait()
+    assert done.returncode == 1
+    assert "trace_pipe is busy" in done.stderr
+    assert len(done.stderr.strip().splitlines()[-2:]) <= 2
+    assert "Traceback" not in done.stderr

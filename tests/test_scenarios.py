@@ -1,0 +1,89 @@
+"""Scenario data and the validation every entry point shares."""
+
+import pytest
+
+from usmlab.errors import UsageError
+from usmlab.scenarios import (
+    DEFAULT_PATHS,
+    SCENARIOS,
+    check_url,
+    get_scenario,
+    parse_duration,
+    parse_paths,
+)
+
+
+def test_seed_scenarios_carry_the_seed_parameters_and_goals():
+    assert SCENARIOS["scenario1"].params.count == 10
+    assert SCENARIOS["scenario1"].params.interval == 1.0
+    assert SCENARIOS["scenario2"].params.count == 0
+    assert SCENARIOS["scenario2"].params.interval == 0.5
+    assert SCENARIOS["scenario3"].params.count == 100
+    assert SCENARIOS["scenario3"].params.interval == 0.1
+    assert SCENARIOS["scenario1"].goal == "Verify eBPF captures requests with correct PID"
+    assert len(DEFAULT_PATHS) == 8
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("2s", 2.0), ("500ms", 0.5), ("0.1", 0.1), ("1m", 60.0), ("250us", 0.00025), (".5", 0.5)],
+)
+def test_durations_accept_go_style_and_plain_seconds(text, seconds):
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["abc", "", "1h", "-1s", "1.2.3", "ms"])
+def test_malformed_durations_are_usage_errors(text):
+    with pytest.raises(UsageError) as err:
+        parse_duration(text)
+    assert "\n" not in str(err.value)
+
+
+def test_overrides_apply_and_none_keeps_defaults():
+    params = get_scenario("scenario3").with_overrides(count=5, interval=None)
+    assert params.count == 5
+    assert params.interval == 0.1
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"count": -1},
+        {"interval": -0.5},
+        {"concurrency": 0},
+        {"connection": "sometimes"},
+        {"url": "http://127.0.0.1:8443"},
+        {"url": "notaurl"},
+        {"url": "https://127.0.0.1:notaport"},
+        {"duration": 0},
+        {"paths": ("no-slash",)},
+    ],
+)
+def test_bad_overrides_are_rejected(overrides):
+    with pytest.raises(UsageError):
+        get_scenario("scenario1").with_overrides(**overrides)
+
+
+def test_unknown_scenario_names_the_known_ones():
+    with pytest.raises(UsageError, match="scenario1"):
+        get_scenario("scenario9")
+
+
+@pytest.mark.parametrize("url", ["https://10.0.0.1:8443", "https://example.com", "https://[::2]/"])
+def test_only_loopback_urls_are_allowed(url):
+    with pytest.raises(UsageError, match="loopback"):
+        check_url(url)
+
+
+def test_loopback_forms_are_allowed():
+    assert check_url("https://127.0.0.2:9443") == ("127.0.0.2", 9443)
+    assert check_url("https://[::1]:8443/x") == ("::1", 8443)
+    assert check_url("https://localhost") == ("localhost", 443)
+
+
+def test_client_args_round_trip_the_parameters():
+    params = get_scenario("scenario2").with_overrides(duration=3.0, paths=parse_paths("/a, /b"))
+    args = params.client_args()
+    assert args[args.index("-count") + 1] == "0"
+    assert args[args.index("--duration") + 1] == "3.0"
+    assert args[args.index("--paths") + 1] == "/a,/b"

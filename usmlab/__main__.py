@@ -1,0 +1,3 @@
+from usmlab.cli import main
+
+main()

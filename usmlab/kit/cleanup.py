@@ -1,0 +1,117 @@
+#!/usr/bin/env python3
+"""End the leftovers of crashed runs, and only those.
+
+Every process usmlab starts carries USMLAB_RUN_ID in its environment, and every live run keeps a
+marker `<work_dir>/active/<run_id>` (JSON: pid, run_dir) naming the process whose life is the
+run's life (the local controller, or the SSH lease). A process whose run has no live marker is a
+leftover: its process group gets SIGTERM, then SIGKILL. Processes without the variable are
+never touched.
+tracefs settings a crashed run changed are restored from the state file it left behind.
+"""
+
+import argparse
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+
+def run_id_of(pid):
+    try:
+        with open("/proc/%s/environ" % pid, "rb") as handle:
+            for item in handle.read().split(b"\0"):
+                if item.startswith(b"USMLAB_RUN_ID="):
+                    return item.split(b"=", 1)[1].decode("utf-8", "replace")
+    except OSError:
+        pass
+    return None
+
+
+def read_markers(work_dir):
+    """run_id -> (pid, run_dir, live) for every run marker."""
+    markers = {}
+    folder = os.path.join(work_dir, "active")
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return markers
+    for name in names:
+        try:
+            with open(os.path.join(folder, name)) as handle:
+                data = json.load(handle)
+            pid = int(data["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            markers[name] = (None, None, False)
+            continue
+        markers[name] = (pid, data.get("run_dir"), pid_alive(pid))
+    return markers
+
+
+def pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
+
+
+def leftovers(live_runs, only_run=None):
+    """(run_id, pid, pgid) of processes belonging to runs that are no longer live."""
+    found = []
+    me = os.getpid()
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == me:
+            continue
+        run_id = run_id_of(entry)
+        if run_id is None or run_id in live_runs or (only_run and run_id != only_run):
+            continue
+        try:
+            found.append((run_id, int(entry), os.getpgid(int(entry))))
+        except ProcessLookupError:
+            continue
+    return found
+
+
+def stop_groups(found):
+    groups = sorted({pgid for _, _, pgid in found})
+    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
+        for pgid in groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(run_id_of(pid) for _, pid, _ in found):
+            time.sleep(0.05)
+
+
+def main(argv):
+    parser = argparse.ArgumentParser(prog="cleanup.py")
+    parser.add_argument("--work-dir", required=True)
+    parser.add_argument("--run-id", help="only this run's leftovers")
+    args = parser.parse_args(argv)
+    markers = read_markers(args.work_dir)
+    live = {run_id for run_id, (_, _, is_live) in markers.items() if is_live}
+    found = leftovers(live, args.run_id)
+    stop_groups(found)
+    for run_id, pid, pgid in found:
+        print(json.dumps({"run_id": run_id, "pid": pid, "pgid": pgid}))
+    here = os.path.dirname(os.path.abspath(__file__))
+    for run_id, (_, run_dir, is_live) in markers.items():
+        if is_live or (args.run_id and run_id != args.run_id):
+            continue
+        state = os.path.join(run_dir or "", ".tracefs-state.json")
+        if run_dir and os.path.exists(state):
+            tracefs = os.path.join(here, "tracefs.py")
+            subprocess.run([sys.executable, tracefs, "restore", "--state", state])
+            print(json.dumps({"run_id": run_id, "tracefs": "restored"}))
+        with contextlib.suppress(OSError):
+            os.unlink(os.path.join(args.work_dir, "active", run_id))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

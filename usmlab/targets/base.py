@@ -1,0 +1,203 @@
+"""The one interface every target implements, modelled on pyinfra's connectors.
+
+A target is where a run executes: this machine, an SSH host, a Vagrant VM. The scenario code only
+uses the operations below, so a new transport is one small module. Commands are argv lists, never
+shell strings: a transport that needs a shell quotes every argument itself.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import signal
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from usmlab.errors import UsmlabError
+
+
+@dataclass(frozen=True)
+class CommandResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class CommandFailed(UsmlabError):
+    """A command on the target exited non-zero where success was required."""
+
+    def __init__(self, argv: Sequence[str], result: CommandResult) -> None:
+        tail = (result.stderr or result.stdout).strip().splitlines()
+        detail = tail[-1] if tail else f"exit status {result.exit_code}"
+        super().__init__(f"{argv[0]} failed on the target: {detail}")
+        self.result = result
+
+
+@dataclass
+class BackgroundProcess:
+    """A process started detached in its own session, so its whole group can be signalled."""
+
+    name: str
+    pid: int
+    pgid: int
+    argv: list[str]
+    stdout_path: str
+    stderr_path: str
+    sudo: bool = False
+    started_mono: float = field(default_factory=time.monotonic)
+    exit_code: int | None = None
+    handle: object | None = field(default=None, repr=False, compare=False)
+
+
+# The escalation used to stop a lab process: ask politely, then insist.
+STOP_SEQUENCE: tuple[tuple[signal.Signals, float], ...] = (
+    (signal.SIGINT, 5.0),
+    (signal.SIGTERM, 3.0),
+    (signal.SIGKILL, 2.0),
+)
+
+
+class Target(ABC):
+    """Run commands, move files and manage background processes somewhere."""
+
+    kind: str = "abstract"
+
+    @property
+    @abstractmethod
+    def label(self) -> str:
+        """Short name used in run folder names (`local`, `127.0.0.1`)."""
+
+    @property
+    @abstractmethod
+    def work_dir(self) -> str:
+        """Folder on the target that holds the deployed kit and remote run folders."""
+
+    @abstractmethod
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        sudo: bool = False,
+        check: bool = True,
+        timeout: float | None = 60.0,
+        env: Mapping[str, str] | None = None,
+    ) -> CommandResult:
+        """Run a command to completion and return its output."""
+
+    @abstractmethod
+    def put(self, local: Path, remote: str, mode: int | None = None) -> None:
+        """Copy a local file to the target."""
+
+    @abstractmethod
+    def get(self, remote: str, local: Path) -> None:
+        """Copy a file from the target to a local path."""
+
+    @abstractmethod
+    def start(
+        self,
+        argv: Sequence[str],
+        *,
+        name: str,
+        stdout_path: str,
+        stderr_path: str | None = None,
+        env: Mapping[str, str] | None = None,
+        sudo: bool = False,
+    ) -> BackgroundProcess:
+        """Start a detached process (new session, stdin from /dev/null, output to files)."""
+
+    @abstractmethod
+    def poll(self, proc: BackgroundProcess) -> int | None:
+        """Exit status of a background process, or None while it still runs."""
+
+    @abstractmethod
+    def signal_group(self, proc: BackgroundProcess, sig: signal.Signals) -> None:
+        """Send a signal to the process group of a background process."""
+
+    def lifeline_pid(self) -> int | None:
+        """Pid, on the target, of a process that lives exactly as long as this controller.
+
+        A run's marker names it, so a later cleanup can tell a crashed run from a live one.
+        """
+        return None
+
+    def close(self) -> None:  # noqa: B027 - optional hook, most targets hold nothing
+        """Release connections; the default target holds none."""
+
+    # Operations built on the primitives above, shared by every transport.
+
+    def wait(self, proc: BackgroundProcess, timeout: float, step: float = 0.05) -> int | None:
+        deadline = time.monotonic() + timeout
+        while True:
+            code = self.poll(proc)
+            if code is not None or time.monotonic() >= deadline:
+                return code
+            time.sleep(step)
+
+    def stop(
+        self,
+        proc: BackgroundProcess,
+        sequence: Sequence[tuple[signal.Signals, float]] = STOP_SEQUENCE,
+    ) -> int | None:
+        """Stop a process group by escalating signals; returns its exit status if known."""
+        code = self.poll(proc)
+        for sig, grace in sequence:
+            if code is not None:
+                break
+            self.signal_group(proc, sig)
+            code = self.wait(proc, grace, step=0.02 if grace < 1 else 0.1)
+        proc.exit_code = code
+        return code
+
+    def join(self, *parts: str) -> str:
+        """Join target paths (targets are POSIX)."""
+        return "/".join([parts[0].rstrip("/"), *(p.strip("/") for p in parts[1:])])
+
+    def run_dir_for(self, run_id: str, local_run_dir: Path) -> str:
+        """Where a run's files are written on the target."""
+        return self.join(self.work_dir, "runs", run_id)
+
+    def list_files(self, remote_dir: str) -> list[str]:
+        """Relative paths of the regular files under remote_dir."""
+        found = self.run(["find", remote_dir, "-type", "f", "-printf", "%P\\n"], sudo=True)
+        return sorted(line for line in found.stdout.splitlines() if line)
+
+    def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
+        """Copy every file of a remote folder into local_dir; returns the relative paths."""
+        names = self.list_files(remote_dir)
+        for name in names:
+            self.get(self.join(remote_dir, name), local_dir / name)
+        return names
+
+    def read_text(self, remote: str, sudo: bool = False) -> str:
+        return self.run(["cat", "--", remote], sudo=sudo).stdout
+
+    def sync(self, files: Mapping[str, Path], remote_dir: str) -> list[str]:
+        """Upload files whose content differs on the target; returns the names uploaded."""
+        self.run(["mkdir", "-p", "--", remote_dir])
+        names = sorted(files)
+        remote_paths = [self.join(remote_dir, n) for n in names]
+        listing = self.run(["sha256sum", "--", *remote_paths], check=False).stdout
+        remote_hashes = {}
+        for line in listing.splitlines():
+            digest, _, path = line.partition("  ")
+            remote_hashes[path] = digest
+        uploaded = []
+        for name, path in zip(names, remote_paths, strict=True):
+            if remote_hashes.get(path) != sha256_file(files[name]):
+                self.put(files[name], path, mode=files[name].stat().st_mode & 0o777)
+                uploaded.append(name)
+        return uploaded
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,68 @@
+"""Tracers: the eBPF programs whose trace_pipe output the analysis judges.
+
+A tracer is started as root in the background before any workload, and traffic starts only once
+it reports that its probes are attached (field notes §1: start order matters).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any
+
+from usmlab.errors import UsmlabError
+from usmlab.targets.base import BackgroundProcess, Target
+
+TRACER_NAMES = ("builtin", "none")
+
+
+@dataclass
+class TracerContext:
+    """What a tracer needs to know about the run it serves."""
+
+    run_id: str
+    run_dir: str  # on the target
+    kit_dir: str  # on the target
+    facts: dict[str, Any] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)
+
+
+class Tracer(ABC):
+    name: str = "abstract"
+    log_name: str = "tracer.log"
+
+    @abstractmethod
+    def start(self, target: Target, ctx: TracerContext) -> BackgroundProcess:
+        """Start the tracer detached; returns once it is running, not yet attached."""
+
+    @abstractmethod
+    def attached(self, target: Target, ctx: TracerContext, proc: BackgroundProcess) -> bool:
+        """True once every probe is attached."""
+
+    def wait_attached(
+        self, target: Target, ctx: TracerContext, proc: BackgroundProcess, timeout: float
+    ) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.attached(target, ctx, proc):
+            code = target.poll(proc)
+            if code is not None:
+                raise UsmlabError(
+                    f"{self.name} tracer exited with status {code} before attaching: "
+                    f"{self.last_error(target, ctx)}"
+                )
+            if time.monotonic() > deadline:
+                raise UsmlabError(
+                    f"{self.name} tracer did not attach within {timeout:.0f} s: "
+                    f"{self.last_error(target, ctx)}"
+                )
+            time.sleep(0.1)
+
+    def last_error(self, target: Target, ctx: TracerContext) -> str:
+        """The most telling line of the tracer's log, for one-line errors."""
+        log = target.run(["cat", "--", target.join(ctx.run_dir, self.log_name)], check=False)
+        lines = [ln.strip() for ln in log.stdout.splitlines() if ln.strip()]
+        errors = [ln for ln in lines if "ERROR" in ln and "RLIMIT_MEMLOCK" not in ln]
+        if errors:
+            return errors[-1]
+        return lines[-1] if lines else "no output (see tracer.log)"

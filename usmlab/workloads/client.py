@@ -1,0 +1,760 @@
+#!/usr/bin/env python3
+"""HTTPS client that replays the lab's Kubernetes-API traffic on a fixed schedule.
+
+It is copied onto a target and run with a bare ``python3`` (3.8+, standard library only), so it
+imports nothing from usmlab. Flags ``-url``, ``-count`` and ``-interval`` match the original Go
+test client. Request k is due at ``t0 + k * interval`` whatever earlier requests took, so the
+traffic pattern is the same on every run; each request becomes one JSON line in ``--log``
+(format in docs/formats.md) with the socket details the analysis needs to attribute it.
+
+Importable too: ``parse_duration``, ``parse_url`` and ``summarize`` are reused by the runner.
+"""
+
+import argparse
+import contextlib
+import http.client
+import json
+import math
+import os
+import re
+import signal
+import socket
+import ssl
+import sys
+import threading
+import time
+from typing import IO, Any, Dict, Iterable, List, NoReturn, Optional, Sequence, Tuple
+from urllib.parse import urlsplit
+
+DEFAULT_URL = "https://127.0.0.1:8443"
+DEFAULT_COUNT = 10
+DEFAULT_INTERVAL = "1s"
+DEFAULT_TIMEOUT = "10s"
+# The 8 paths the original client rotated through (field notes, section 3).
+DEFAULT_PATHS = (
+    "/api/v1/persistentvolumes/pvc-63958627-daf8-4858-bf79-3818733c87b4",
+    "/api/v1/persistentvolumes/pvc-33641375-8db3-4ff3-b172-2ba76ce132fe",
+    "/api/v1/persistentvolumes/pvc-12345678-1234-1234-1234-123456789abc",
+    "/api/v1/namespaces/orgstore-maze/configmaps",
+    "/api/v1/namespaces/postgres-orgstore-proposals/configmaps",
+    "/api/v1/namespaces/datadog-agent/configmaps",
+    "/api/v1/namespaces/zookeeper-lockness/configmaps",
+    "/api/v1/namespaces/kube-system/pods",
+)
+USER_AGENT = "usmlab-client/1"
+# After SIGINT/SIGTERM, in-flight requests get this long to finish before being abandoned.
+STOP_GRACE_S = 2.0
+# What a keep-alive connection the server already closed fails with on its next use.
+STALE_CONNECTION_ERRORS = (http.client.RemoteDisconnected, ConnectionError, ssl.SSLEOFError)
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+Record = Dict[str, Any]
+
+
+class UsageError(Exception):
+    """Bad command-line input: reported as one ``error: ...`` line, exit status 2."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Input parsing
+
+_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
+_DURATION_TERM = re.compile(r"(" + _NUMBER + r")(us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds from ``2s``, ``500ms``, ``250us``, ``1m``, ``1m30s`` (Go style) or ``0.1``.
+
+    Raises ValueError with a user-facing message for anything else, negatives included.
+    """
+    spec = text.strip()
+    if spec.startswith("-"):
+        raise ValueError("duration must not be negative: {!r}".format(text))
+    if re.fullmatch(_NUMBER + r"(?:[eE][+-]?\d+)?", spec):  # also str(float), e.g. 1e-05
+        return float(spec)
+    total, pos = 0.0, 0
+    while pos < len(spec):
+        term = _DURATION_TERM.match(spec, pos)
+        if term is None:
+            break
+        total += float(term.group(1)) * _UNIT_SECONDS[term.group(2)]
+        pos = term.end()
+    if not spec or pos != len(spec):
+        raise ValueError(
+            "invalid duration {!r} (use e.g. 2s, 500ms, 1m30s or plain seconds like 0.1)".format(
+                text
+            )
+        )
+    return total
+
+
+class Target:
+    """Where requests go: host, port and an optional path prefix from the URL."""
+
+    def __init__(self, host: str, port: int, base_path: str) -> None:
+        self.host = host
+        self.port = port
+        self.base_path = base_path
+
+    @property
+    def remote(self) -> str:
+        """``host:port`` as written in client.jsonl (IPv6 hosts in brackets)."""
+        return format_address(self.host, self.port)
+
+
+def format_address(host: str, port: int) -> str:
+    """``host:port`` with IPv6 hosts in brackets."""
+    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
+
+
+def parse_url(url: str) -> Target:
+    """``https://host[:port][/prefix]`` -> Target; ValueError on anything else."""
+    parts = urlsplit(url.strip())
+    if parts.scheme != "https" or not parts.netloc:
+        raise ValueError("invalid url {!r}: expected https://host[:port][/path]".format(url))
+    if parts.query or parts.fragment or "@" in parts.netloc:
+        raise ValueError("invalid url {!r}: no user, query or fragment allowed".format(url))
+    try:
+        port = parts.port
+    except ValueError:
+        raise ValueError("invalid url {!r}: bad port".format(url)) from None
+    host = parts.hostname
+    if not host or (port is not None and port == 0):
+        raise ValueError("invalid url {!r}: expected https://host[:port][/path]".format(url))
+    return Target(host, port if port is not None else 443, parts.path.rstrip("/"))
+
+
+def parse_paths(text: str) -> Tuple[str, ...]:
+    """Comma-separated absolute paths; ValueError if empty or one does not start with /."""
+    paths = tuple(p.strip() for p in text.split(",") if p.strip())
+    if not paths:
+        raise ValueError("--paths needs at least one path")
+    for path in paths:
+        if not path.startswith("/") or any(c.isspace() for c in path):
+            raise ValueError(
+                "invalid path {!r}: paths start with / and have no spaces".format(path)
+            )
+    return paths
+
+
+class ClientConfig:
+    """Validated settings of one client run."""
+
+    def __init__(
+        self,
+        target: Target,
+        count: int,
+        interval: float,
+        duration: Optional[float],
+        concurrency: int,
+        reuse: bool,
+        paths: Sequence[str],
+        cacert: Optional[str],
+        log: Optional[str],
+        timeout: float,
+        check: bool,
+    ) -> None:
+        self.target = target
+        self.count = count
+        self.interval = interval
+        self.duration = duration
+        self.concurrency = concurrency
+        self.reuse = reuse
+        self.paths = tuple(paths)
+        self.cacert = cacert
+        self.log = log
+        self.timeout = timeout
+        self.check = check
+
+
+class OneLineArgumentParser(argparse.ArgumentParser):
+    """Usage errors as one ``error: ...`` line and exit status 2, never a usage dump."""
+
+    def error(self, message: str) -> NoReturn:
+        print("error: {}".format(message), file=sys.stderr)
+        sys.exit(EXIT_USAGE)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = OneLineArgumentParser(
+        description="HTTPS client for the USM lab (flags -url/-count/-interval as the Go one).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("-url", "--url", default=DEFAULT_URL, help="https://host[:port]")
+    parser.add_argument("-count", "--count", default=str(DEFAULT_COUNT), help="0 = until stopped")
+    parser.add_argument(
+        "-interval", "--interval", default=DEFAULT_INTERVAL, help="2s, 500ms, 0.1 (seconds)"
+    )
+    parser.add_argument("--concurrency", default="1", help="worker threads (default 1)")
+    parser.add_argument(
+        "--connection",
+        choices=("new", "reuse"),
+        default="new",
+        help="new TLS connection per request, or one keep-alive connection per worker",
+    )
+    parser.add_argument("--duration", default=None, help="stop scheduling after this long")
+    parser.add_argument("--paths", default=None, help="comma-separated paths, used in rotation")
+    parser.add_argument("--cacert", default=None, help="verify the server against this CA")
+    parser.add_argument("--log", default=None, help="client.jsonl path (appended to)")
+    parser.add_argument("--timeout", default=DEFAULT_TIMEOUT, help="per-request socket timeout")
+    parser.add_argument(
+        "--check", action="store_true", help="only wait for a TLS handshake to succeed"
+    )
+    return parser
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> ClientConfig:
+    """Parse and validate the command line; UsageError on bad values."""
+    parser = build_parser()
+    args = parser.parse_args(_attach_dash_values(parser, sys.argv[1:] if argv is None else argv))
+    try:
+        target = parse_url(args.url)
+        interval = parse_duration(args.interval)
+        timeout = parse_duration(args.timeout)
+        duration = parse_duration(args.duration) if args.duration is not None else None
+        paths = parse_paths(args.paths) if args.paths is not None else DEFAULT_PATHS
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    count = _parse_int("count", args.count)
+    concurrency = _parse_int("concurrency", args.concurrency)
+    if count < 0:
+        raise UsageError("count must be >= 0 (0 = until stopped), got {}".format(count))
+    if concurrency < 1:
+        raise UsageError("concurrency must be >= 1, got {}".format(concurrency))
+    if timeout <= 0:
+        raise UsageError("timeout must be > 0")
+    if duration is not None and duration <= 0:
+        raise UsageError("duration must be > 0")
+    return ClientConfig(
+        target=target,
+        count=count,
+        interval=interval,
+        duration=duration,
+        concurrency=concurrency,
+        reuse=args.connection == "reuse",
+        paths=paths,
+        cacert=args.cacert,
+        log=args.log,
+        timeout=timeout,
+        check=args.check,
+    )
+
+
+def _attach_dash_values(parser: argparse.ArgumentParser, argv: Sequence[str]) -> List[str]:
+    """``-interval -1s`` -> ``-interval=-1s``: argparse would take ``-1s`` for an option and
+    report a confusing "expected one argument" instead of our "must not be negative"."""
+    takes_value = {
+        name for name, action in parser._option_string_actions.items() if action.nargs is None
+    }
+    known = set(parser._option_string_actions)
+    out: List[str] = []
+    tokens = list(argv)
+    i = 0
+    while i < len(tokens):
+        token = tokens[i]
+        following = tokens[i + 1] if i + 1 < len(tokens) else None
+        if (
+            token in takes_value
+            and following is not None
+            and following.startswith("-")
+            and following not in known
+        ):
+            out.append("{}={}".format(token, following))
+            i += 2
+        else:
+            out.append(token)
+            i += 1
+    return out
+
+
+def _parse_int(name: str, text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise UsageError("{} must be a whole number, got {!r}".format(name, text)) from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics (also used by the runner on client.jsonl)
+
+
+def percentile(values: Iterable[float], pct: float) -> Optional[float]:
+    """Nearest-rank percentile (an observed value, never interpolated); None if empty."""
+    ordered = sorted(values)
+    if not ordered:
+        return None
+    rank = max(1, math.ceil(pct / 100.0 * len(ordered)))
+    return ordered[min(rank, len(ordered)) - 1]
+
+
+def _spread_ms(seconds: List[float]) -> Dict[str, Optional[float]]:
+    def ms(value: Optional[float]) -> Optional[float]:
+        return None if value is None else round(value * 1000.0, 3)
+
+    return {
+        "p50": ms(percentile(seconds, 50)),
+        "p99": ms(percentile(seconds, 99)),
+        "max": ms(max(seconds) if seconds else None),
+    }
+
+
+def is_ok(record: Record) -> bool:
+    """A request succeeded when it got a 2xx/3xx answer without a transport error."""
+    status = record.get("status")
+    return record.get("error") is None and isinstance(status, int) and 200 <= status < 400
+
+
+def summarize(records: Sequence[Record]) -> Dict[str, Any]:
+    """Counts, throughput, latency (successful requests) and start jitter (all requests).
+
+    Start jitter is ``start_mono - scheduled_mono``: how late each request left compared with
+    its slot in the schedule. Keys: sent, ok, failed, connections, duration_s,
+    requests_per_second, latency_ms and jitter_ms (each {p50, p99, max}, None when empty).
+    """
+    ok = [r for r in records if is_ok(r)]
+    latencies = [
+        r["end_mono"] - r["start_mono"]
+        for r in ok
+        if r.get("end_mono") is not None and r.get("start_mono") is not None
+    ]
+    jitters = [
+        r["start_mono"] - r["scheduled_mono"]
+        for r in records
+        if r.get("start_mono") is not None and r.get("scheduled_mono") is not None
+    ]
+    starts = [r["start_mono"] for r in records if r.get("start_mono") is not None]
+    ends = [r["end_mono"] for r in records if r.get("end_mono") is not None]
+    duration = (max(ends) - min(starts)) if starts and ends else 0.0
+    connections = {r.get("conn_id") for r in records if r.get("conn_id") is not None}
+    return {
+        "sent": len(records),
+        "ok": len(ok),
+        "failed": len(records) - len(ok),
+        "connections": len(connections),
+        "duration_s": round(duration, 6),
+        "requests_per_second": round(len(records) / duration, 3) if duration > 0 else None,
+        "latency_ms": _spread_ms(latencies),
+        "jitter_ms": _spread_ms(jitters),
+    }
+
+
+def format_summary(stats: Dict[str, Any]) -> List[str]:
+    """The human-readable summary lines printed at the end of a run."""
+
+    def spread(values: Dict[str, Optional[float]]) -> str:
+        return " ".join(
+            "{}={}".format(key, "-" if values[key] is None else "{:.1f}".format(values[key]))
+            for key in ("p50", "p99", "max")
+        )
+
+    rate = stats["requests_per_second"]
+    return [
+        "Summary: sent={} ok={} failed={} connections={} in {:.2f} s ({} req/s)".format(
+            stats["sent"],
+            stats["ok"],
+            stats["failed"],
+            stats["connections"],
+            stats["duration_s"],
+            "-" if rate is None else "{:.1f}".format(rate),
+        ),
+        "Latency ms: " + spread(stats["latency_ms"]),
+        "Start jitter ms: " + spread(stats["jitter_ms"]),
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Running requests
+
+
+def one_line(exc: BaseException) -> str:
+    """An exception as a single line, as client.jsonl's ``error`` field requires."""
+    text = " ".join(str(exc).split())
+    return "{}: {}".format(type(exc).__name__, text) if text else type(exc).__name__
+
+
+def make_tls_context(cacert: Optional[str]) -> ssl.SSLContext:
+    """Verify against ``cacert`` if given; otherwise accept any certificate (self-signed lab)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    if cacert:
+        context.load_verify_locations(cafile=cacert)
+    else:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+class Schedule:
+    """Hands out (k, due) with due = t0 + k*interval until count, duration or stop."""
+
+    def __init__(self, t0: float, interval: float, count: int, duration: Optional[float]) -> None:
+        self.t0 = t0
+        self.interval = interval
+        self.count = count
+        self.duration = duration
+        self._next = 0
+        self._stopped = False
+        self._lock = threading.Lock()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+
+    def take(self) -> Optional[Tuple[int, float]]:
+        with self._lock:
+            k = self._next
+            if self._stopped or (self.count and k >= self.count):
+                return None
+            if self.duration is not None and (
+                k * self.interval >= self.duration or time.monotonic() - self.t0 >= self.duration
+            ):
+                return None
+            self._next += 1
+            return k, self.t0 + k * self.interval
+
+
+class Connection:
+    """An open TLS connection and the identity the logs give it."""
+
+    def __init__(self, http_conn: http.client.HTTPSConnection, conn_id: str) -> None:
+        self.http = http_conn
+        self.conn_id = conn_id
+
+
+class LabClient:
+    """Runs the schedule with N workers, records every request, prints a summary."""
+
+    def __init__(self, config: ClientConfig, tls_context: ssl.SSLContext, log: "JsonLinesLog"):
+        self.config = config
+        self.tls_context = tls_context
+        self.log = log
+        self.pid = os.getpid()
+        self.schedule = Schedule(time.monotonic(), config.interval, config.count, config.duration)
+        self.stop_event = threading.Event()
+        self.stop_signal: Optional[str] = None
+        self._no_grace = False
+        self.records: List[Record] = []
+        self._in_flight: Dict[int, Record] = {}
+        self._lock = threading.Lock()
+        self._connections = 0
+        self._print_lock = threading.Lock()
+
+    # -- control -------------------------------------------------------------------------------
+
+    def stop(self, reason: str) -> None:
+        """Stop scheduling; requests already sent may still finish, unless stopped twice.
+
+        Safe in a signal handler: it takes no lock the main thread might hold.
+        """
+        if self.stop_signal is None:
+            self.stop_signal = reason
+        else:
+            self._no_grace = True
+        self.schedule.stop()
+        self.stop_event.set()
+
+    def run(self, grace_s: float = STOP_GRACE_S) -> None:
+        """Run until the schedule ends, or stop() plus a grace for in-flight requests."""
+        workers = [
+            threading.Thread(target=self._work, name="worker-{}".format(i), daemon=True)
+            for i in range(self.config.concurrency)
+        ]
+        for worker in workers:
+            worker.start()
+        give_up_at: Optional[float] = None
+        while any(w.is_alive() for w in workers):
+            if self.stop_event.is_set() and give_up_at is None:
+                give_up_at = time.monotonic() + grace_s
+            if give_up_at is not None and (self._no_grace or time.monotonic() >= give_up_at):
+                self._abandon_in_flight()
+                break
+            for worker in workers:
+                worker.join(0.05)
+                if worker.is_alive():
+                    break
+
+    # -- workers -------------------------------------------------------------------------------
+
+    def _work(self) -> None:
+        connection: Optional[Connection] = None
+        try:
+            while True:
+                slot = self.schedule.take()
+                if slot is None:
+                    return
+                seq, due = slot
+                if not self._wait_until(due):
+                    return
+                connection = self._request(seq, due, connection)
+        finally:
+            if connection is not None:
+                connection.http.close()
+
+    def _wait_until(self, due: float) -> bool:
+        """Sleep until ``due`` on the monotonic clock; False if stopped meanwhile."""
+        while True:
+            remaining = due - time.monotonic()
+            if remaining <= 0:
+                return True
+            if self.stop_event.wait(remaining):
+                return False
+
+    def _request(
+        self, seq: int, due: float, connection: Optional[Connection]
+    ) -> Optional[Connection]:
+        """Send request ``seq``; returns the connection to keep for the next one (reuse mode)."""
+        path = self.config.target.base_path + self.config.paths[seq % len(self.config.paths)]
+        record: Record = {
+            "seq": seq,
+            "pid": self.pid,
+            "tid": threading.get_native_id(),
+            "local_addr": None,
+            "local_port": None,
+            "remote": self.config.target.remote,
+            "method": "GET",
+            "path": path,
+            "status": None,
+            "error": None,
+            "scheduled_mono": due,
+            "start_mono": time.monotonic(),
+            "end_mono": None,
+            "start_wall": time.time(),
+            "end_wall": None,
+            "conn_id": None,
+        }
+        with self._lock:
+            self._in_flight[seq] = record
+        try:
+            connection, status = self._exchange(record, connection)
+            record["status"] = status
+        except (OSError, http.client.HTTPException, ValueError) as exc:
+            record["error"] = one_line(exc)
+            connection = None  # _exchange closed it
+        record["end_mono"] = time.monotonic()
+        record["end_wall"] = time.time()
+        self._finish(record)
+        return connection if self.config.reuse else None
+
+    def _exchange(
+        self, record: Record, connection: Optional[Connection]
+    ) -> Tuple[Optional[Connection], int]:
+        """GET the record's path and read the whole body: (connection to keep, status).
+
+        Closes the connection on any failure, so the caller only has to forget it.
+        """
+        reused = connection is not None
+        if connection is None:
+            connection = self._connect(record)
+        self._use(connection, record)
+        try:
+            return self._send(connection, record["path"])
+        except STALE_CONNECTION_ERRORS:
+            connection.http.close()
+            if not reused:
+                raise
+        except BaseException:
+            connection.http.close()
+            raise
+        # The server closed an idle keep-alive connection under us: one retry on a fresh one.
+        connection = self._connect(record)
+        try:
+            return self._send(connection, record["path"])
+        except BaseException:
+            connection.http.close()
+            raise
+
+    def _use(self, connection: Connection, record: Record) -> None:
+        sock = connection.http.sock
+        local = sock.getsockname() if sock is not None else (None, None)
+        record["conn_id"] = connection.conn_id
+        record["local_addr"], record["local_port"] = local[0], local[1]
+
+    def _connect(self, record: Record) -> Connection:
+        """TCP connect (recording the local port first, so a failed handshake still has it)."""
+        target = self.config.target
+        raw = socket.create_connection((target.host, target.port), timeout=self.config.timeout)
+        with self._lock:
+            self._connections += 1
+            conn_id = "{}-{}".format(self.pid, self._connections)
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        local = raw.getsockname()
+        record["conn_id"] = conn_id
+        record["local_addr"], record["local_port"] = local[0], local[1]
+        try:
+            tls = self.tls_context.wrap_socket(raw, server_hostname=target.host)
+        except BaseException:
+            raw.close()
+            raise
+        http_conn = http.client.HTTPSConnection(
+            target.host, target.port, timeout=self.config.timeout, context=self.tls_context
+        )
+        http_conn.sock = tls
+        return Connection(http_conn, conn_id)
+
+    def _send(self, connection: Connection, path: str) -> Tuple[Optional[Connection], int]:
+        headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
+        if not self.config.reuse:
+            headers["Connection"] = "close"
+        connection.http.request("GET", path, headers=headers)
+        response = connection.http.getresponse()
+        response.read()
+        status = int(response.status)
+        if not self.config.reuse or response.will_close:
+            connection.http.close()
+            return None, status
+        return connection, status
+
+    # -- output --------------------------------------------------------------------------------
+
+    def _finish(self, record: Record) -> None:
+        with self._lock:
+            if self._in_flight.pop(record["seq"], None) is None:
+                return  # abandoned at stop: already recorded as interrupted
+            self.records.append(record)
+            self.log.write(record)
+        self._print_request(record)
+
+    def _abandon_in_flight(self) -> None:
+        """Record requests still running when the stop grace ran out as interrupted."""
+        with self._lock:
+            abandoned = [dict(r) for r in self._in_flight.values()]
+            self._in_flight.clear()
+            for record in abandoned:
+                record["error"] = "interrupted: client stopped before the response arrived"
+                record["status"] = None
+                record["end_mono"] = time.monotonic()
+                record["end_wall"] = time.time()
+                self.records.append(record)
+                self.log.write(record)
+        for record in abandoned:
+            self._print_request(record)
+
+    def _print_request(self, record: Record) -> None:
+        if record["error"] is None:
+            elapsed_ms = (record["end_mono"] - record["start_mono"]) * 1000.0
+            outcome = "{} ({:.1f} ms)".format(record["status"], elapsed_ms)
+        else:
+            outcome = "error: {}".format(record["error"])
+        self.say(
+            "[{}] {} {} -> {}".format(record["seq"], record["method"], record["path"], outcome)
+        )
+
+    def say(self, line: str) -> None:
+        """Print one line to stdout without interleaving with other threads."""
+        # stdout gone (closed pipe): keep the jsonl going
+        with self._print_lock, contextlib.suppress(OSError, ValueError):
+            print(line, flush=True)
+
+
+class JsonLinesLog:
+    """Thread-safe, line-buffered JSON-lines file: a killed client keeps every line written."""
+
+    def __init__(self, path: Optional[str]) -> None:
+        self._lock = threading.Lock()
+        self._file: Optional[IO[str]] = None
+        if path:
+            # Open for the whole run (closed by close()); line-buffered so each line is flushed.
+            self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+
+    def write(self, record: Record) -> None:
+        line = json.dumps(record, separators=(", ", ": ")) + "\n"
+        with self._lock:
+            if self._file is not None:
+                self._file.write(line)
+                self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._file is not None:
+                self._file.close()
+                self._file = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Readiness check
+
+
+def check_ready(target: Target, tls_context: ssl.SSLContext, timeout: float) -> int:
+    """Retry a bare TLS handshake (no HTTP) until one completes or ``timeout`` elapses."""
+    deadline = time.monotonic() + timeout
+    last_error = "no attempt made"
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            break
+        try:
+            raw = socket.create_connection((target.host, target.port), timeout=min(remaining, 2.0))
+            with raw, tls_context.wrap_socket(raw, server_hostname=target.host):
+                pass
+            print("ready", flush=True)
+            return EXIT_OK
+        except ssl.SSLCertVerificationError as exc:
+            # Retrying cannot fix a certificate the CA does not vouch for.
+            print(
+                "error: TLS handshake with {}: {}".format(target.remote, one_line(exc)),
+                file=sys.stderr,
+            )
+            return EXIT_FAILED
+        except OSError as exc:
+            last_error = one_line(exc)
+        time.sleep(max(0.0, min(0.1, deadline - time.monotonic())))
+    print(
+        "error: no TLS handshake with {} within {:g} s: {}".format(
+            target.remote, timeout, last_error
+        ),
+        file=sys.stderr,
+    )
+    return EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------------------------
+# Entry point
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    try:
+        config = parse_config(argv)
+    except UsageError as exc:
+        print("error: {}".format(exc), file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        tls_context = make_tls_context(config.cacert)
+    except (OSError, ssl.SSLError) as exc:
+        print(
+            "error: cannot load CA file {}: {}".format(config.cacert, one_line(exc)),
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    if config.check:
+        return check_ready(config.target, tls_context, config.timeout)
+    try:
+        log = JsonLinesLog(config.log)
+    except OSError as exc:
+        print("error: cannot open log {}: {}".format(config.log, one_line(exc)), file=sys.stderr)
+        return EXIT_USAGE
+
+    client = LabClient(config, tls_context, log)
+
+    def on_signal(signum: int, frame: Any) -> None:
+        client.stop(signal.Signals(signum).name)
+
+    # Installed before announcing the PID, so a signal sent on seeing it is always handled.
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    print("Starting TLS client (PID: {})".format(os.getpid()), flush=True)
+    try:
+        client.run()
+    finally:
+        log.close()
+    if client.stop_signal is not None:
+        client.say("Stopped by {}".format(client.stop_signal))
+    stats = summarize(client.records)
+    for line in format_summary(stats):
+        client.say(line)
+    return EXIT_OK if stats["failed"] == 0 else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
