@@ -102,7 +102,13 @@ def test_fetch_dir_in_place_and_elsewhere(target, tmp_path):
     (remote / "sub").mkdir(parents=True)
     (remote / "a.txt").write_text("a")
     (remote / "sub" / "b.txt").write_text("b")
-    assert target.fetch_dir(str(remote), remote) == ["a.txt", "sub/b.txt"]
+    assert target.fetch_dir(str(remote), remote) == []
+    assert target.list_files(str(remote)) == ["a.txt", "sub/b.txt"]
     local = tmp_path / "local"
-    target.fetch_dir(str(remote), local)
+    assert sorted(target.fetch_dir(str(remote), local)) == ["a.txt", "sub/b.txt"]
     assert (local / "sub" / "b.txt").read_text() == "b"
+    # A second collection resumes: only what is missing or different is copied.
+    (local / "a.txt").unlink()
+    (local / "sub" / "b.txt").write_text("stale")
+    assert sorted(target.fetch_dir(str(remote), local)) == ["a.txt", "sub/b.txt"]
+    assert target.fetch_dir(str(remote), local) == []

@@ -6,7 +6,9 @@ import json
 import signal
 import socket
 import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -203,3 +205,95 @@ def test_a_second_trace_pipe_reader_is_a_clear_error(tmp_path):
     assert "trace_pipe is busy" in done.stderr
     assert len(done.stderr.strip().splitlines()[-2:]) <= 2
     assert "Traceback" not in done.stderr
+
+
+@needs_tracer
+def test_scenario3_with_the_builtin_tracer_attributes_every_request_to_the_client(tmp_path):
+    done = run_usmlab("test", "scenario3", *lab_args(tmp_path, "--tracer", "builtin"))
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["outcome"] == "capture-works"
+    assert report["requests"]["sent"] == 100
+    assert report["requests"]["captured_client"] == 100
+    assert report["requests"]["misattributed"] == 0
+    assert report["requests"]["missed"] == 0
+    assert report["foreign"] == []
+    client_pid = read_jsonl(run_dir / "client.jsonl")[0]["pid"]
+    assert report["roles"]["client"]["pid"] == client_pid
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["tracer"] == "builtin"
+    assert manifest["trace_clock"] == "mono"
+    assert manifest["client_summary"]["jitter_ms"]["p99"] <= 20
+    assert (run_dir / "report.md").read_text().startswith("# usmlab report")
+    assert "capture-works" in done.stdout
+
+
+FOREIGN_CLIENT = """
+import ssl, sys, time, urllib.request
+ctx = ssl._create_unverified_context()
+for path in sys.argv[2:]:
+    with urllib.request.urlopen("https://127.0.0.1:%s%s" % (sys.argv[1], path), context=ctx) as r:
+        r.read()
+print("done", flush=True)
+"""
+
+
+FOREIGN_PATHS = [
+    "/api/v1/namespaces/kube-system/pods",
+    "/api/v1/namespaces/datadog-agent/configmaps",
+]
+
+
+@needs_tracer
+def test_a_process_outside_the_lab_sending_lab_paths_is_named_as_foreign(tmp_path):
+    port = free_port()
+    lab = subprocess.Popen(
+        usmlab_argv(
+            "test", "scenario2",
+            *lab_args(tmp_path, "--tracer", "builtin", "--duration", "4s", port=port),
+        ),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )  # fmt: skip
+    try:
+        runs = tmp_path / "runs"
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            dirs = list(runs.glob("*/client.jsonl")) if runs.exists() else []
+            if dirs and dirs[0].stat().st_size:
+                break
+            time.sleep(0.05)
+        foreign = subprocess.Popen(
+            [sys.executable, "-c", FOREIGN_CLIENT, str(port), *FOREIGN_PATHS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        out, foreign_err = foreign.communicate(timeout=30)
+        assert out.strip() == "done", foreign_err
+        _, err = lab.communicate(timeout=90)
+    finally:
+        if lab.poll() is None:
+            lab.send_signal(signal.SIGINT)
+            lab.wait(timeout=60)
+    assert lab.returncode == 1, err
+    report = json.loads((only_run_dir(tmp_path / "runs") / "report.json").read_text())
+    assert report["outcome"] == "misattribution"
+    entries = [f for f in report["foreign"] if f["pid"] == foreign.pid]
+    assert len(entries) == 1, report["foreign"]
+    assert set(FOREIGN_PATHS) <= set(entries[0]["paths"])
+    assert entries[0]["comm"]
+
+
+def test_a_run_where_no_request_succeeds_is_failed_with_the_reason(tmp_path):
+    done = run_usmlab(
+        "test", "scenario1",
+        *lab_args(tmp_path, "--tracer", "none", "--count", "2", "--interval", "0",
+                  "--paths", "/no/such/endpoint"),
+    )  # fmt: skip
+    assert done.returncode == 1
+    assert "none of the 2 requests succeeded: status 404" in done.stderr
+    manifest = json.loads((only_run_dir(tmp_path / "runs") / "manifest.json").read_text())
+    assert manifest["status"] == "failed"

@@ -83,7 +83,23 @@ def test_loopback_forms_are_allowed():
 
 def test_client_args_round_trip_the_parameters():
     params = get_scenario("scenario2").with_overrides(duration=3.0, paths=parse_paths("/a, /b"))
-    args = params.client_args()
+    args = params.client_args(["https://127.0.0.1:8443", "https://127.0.0.1:9443"])
     assert args[args.index("-count") + 1] == "0"
     assert args[args.index("--duration") + 1] == "3.0"
     assert args[args.index("--paths") + 1] == "/a,/b"
+    assert args[args.index("-url") + 1] == "https://127.0.0.1:8443,https://127.0.0.1:9443"
+
+
+def test_go_only_options_need_the_go_client():
+    with pytest.raises(UsageError, match="--skip-close: only the Go client"):
+        get_scenario("scenario1").with_overrides(skip_close=0.2)
+    params = get_scenario("scenario1").with_overrides(client="go", skip_close=0.2, gc_every=5)
+    assert "--skip-close" in params.client_args(["https://127.0.0.1:8443"])
+
+
+def test_every_scenario_states_its_hypothesis_and_is_valid():
+    for scenario in SCENARIOS.values():
+        assert scenario.goal and scenario.description
+        scenario.params.validate()
+    assert SCENARIOS["churn"].params.ports == (8443, 9443)
+    assert SCENARIOS["churn"].params.client == "go"

@@ -628,6 +628,93 @@ def test_check_reports_ready_only_when_a_handshake_completes(
     assert 0.4 < time.monotonic() - started < 5
 
 
+# ---------------------------------------------------------------------------------------------
+# One client, two servers (the setup that reproduced the bug: field notes §3)
+
+
+@pytest.mark.parametrize("connection", ["new", "reuse"])
+def test_one_client_rotates_over_two_servers_with_paths_naming_them(
+    start_server: StartServer, deployed: Path, connection: str
+) -> None:
+    servers = [start_server(), start_server()]
+    log = deployed / "client.jsonl"
+    result = run_client(
+        deployed,
+        *("-url", ",".join(s.url for s in servers), "-count", "10", "-interval", "0.02"),
+        *("--connection", connection, "--paths", "/server{port}/identify", "--log", str(log)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    sent = read_jsonl(log)
+    assert [r["seq"] for r in sent] == list(range(10))
+    for record in sent:
+        server = servers[record["seq"] % 2]  # request k goes to url k % 2
+        assert record["remote"] == f"127.0.0.1:{server.port}"
+        assert record["path"] == f"/server{server.port}/identify"
+        assert (record["status"], record["error"]) == (200, None)  # 404 from the other server
+    for server in servers:
+        served = server.records()
+        assert [r["path"] for r in served] == [f"/server{server.port}/identify"] * 5
+        assert {r["local_port"] for r in served} == {server.port}
+        # What the client says it sent there is what that server saw, connection by connection.
+        mine = [r for r in sent if r["remote"] == f"127.0.0.1:{server.port}"]
+        assert sorted(r["local_port"] for r in mine) == sorted(r["peer_port"] for r in served)
+        conns = {r["conn_id"] for r in mine}
+        assert len(conns) == (5 if connection == "new" else 1)
+        assert len({r["conn_id"] for r in served}) == len(conns)
+    assert len({r["conn_id"] for r in sent}) == (10 if connection == "new" else 2)
+    for server in servers:
+        assert f"Remote 127.0.0.1:{server.port}: sent=5 ok=5 failed=0" in result.stdout
+
+
+def test_rotations_of_urls_and_paths_are_independent(
+    start_server: StartServer, deployed: Path
+) -> None:
+    servers = [start_server(), start_server()]
+    log = deployed / "client.jsonl"
+    paths = "/server{port}/identify,/api/v1/namespaces/s{port}/pods,/api/v1/namespaces"
+    result = run_client(
+        deployed,
+        *("-url", ",".join(s.url for s in servers), "-count", "6", "-interval", "0"),
+        *("--paths", paths, "--log", str(log)),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    a, b = servers[0].port, servers[1].port
+    expected = [
+        (a, f"/server{a}/identify"),
+        (b, f"/api/v1/namespaces/s{b}/pods"),
+        (a, "/api/v1/namespaces"),
+        (b, f"/server{b}/identify"),
+        (a, f"/api/v1/namespaces/s{a}/pods"),
+        (b, "/api/v1/namespaces"),
+    ]
+    by_seq = sorted(read_jsonl(log), key=lambda r: r["seq"])
+    assert [(int(r["remote"].rsplit(":", 1)[1]), r["path"]) for r in by_seq] == expected
+
+
+def test_check_needs_a_handshake_with_every_server(
+    start_server: StartServer, deployed: Path
+) -> None:
+    servers = [start_server(), start_server()]
+    both = run_client(
+        deployed, "-url", ",".join(s.url for s in servers), "--check", "--timeout", "5"
+    )
+    assert (both.returncode, both.stdout, both.stderr) == (0, "ready\n", "")
+
+    down = free_port()
+    started = time.monotonic()
+    one_down = run_client(
+        deployed,
+        *("-url", f"{servers[0].url},https://127.0.0.1:{down}", "--check", "--timeout", "0.5"),
+    )
+    assert one_down.returncode == 1
+    assert one_down.stdout == ""
+    assert len(one_down.stderr.splitlines()) == 1
+    assert f"127.0.0.1:{down}" in one_down.stderr
+    assert f"127.0.0.1:{servers[0].port}" not in one_down.stderr  # that one answered
+    assert 0.4 < time.monotonic() - started < 5
+    assert servers[0].records() == servers[1].records() == []  # handshakes only, no HTTP
+
+
 @pytest.mark.parametrize(
     "args",
     [
@@ -641,6 +728,11 @@ def test_check_reports_ready_only_when_a_handshake_completes(
         ("--concurrency", "0"),
         ("--duration", "soon"),
         ("--paths", "no-slash"),
+        ("--paths", "/server{host}/identify"),
+        ("--paths", "/ok,/server{port/identify"),
+        ("--paths", "/server{PORT}/identify"),
+        ("-url", "https://127.0.0.1:8443,http://127.0.0.1:9443"),
+        ("-url", ","),
         ("--no-such-flag",),
     ],
 )
@@ -698,6 +790,20 @@ def test_parse_duration_rejects_garbage(text: str) -> None:
         client_module.parse_duration(text)
 
 
+def test_paths_name_the_port_of_the_server_they_go_to() -> None:
+    targets = client_module.parse_urls(" https://127.0.0.1:8443 ,https://[::1]:9443/api,")
+    assert [(t.remote, t.base_path) for t in targets] == [
+        ("127.0.0.1:8443", ""),
+        ("[::1]:9443", "/api"),
+    ]
+    (template,) = client_module.parse_paths("/server{port}/identify/{port}")
+    assert client_module.expand_path(template, 9443) == "/server9443/identify/9443"
+    assert client_module.parse_paths("/a,/b") == ("/a", "/b")
+    for bad in ("/x{port}{host}", "/x}", "/{}", "/x{{port}}"):
+        with pytest.raises(ValueError, match=r"token|brace"):
+            client_module.parse_paths(bad)
+
+
 def test_parse_url_handles_ipv6_default_port_and_prefix() -> None:
     target = client_module.parse_url("https://[::1]:9443/prefix/")
     assert (target.host, target.port, target.base_path, target.remote) == (
@@ -731,6 +837,26 @@ def test_summarize_reports_counts_latency_and_start_jitter() -> None:
     assert stats["latency_ms"]["p50"] == pytest.approx(5.0)  # failed request excluded
     assert stats["duration_s"] == pytest.approx(99 * 0.1 + 0.05 + 0.5 - 0.001)
     assert client_module.summarize([])["jitter_ms"] == {"p50": None, "p99": None, "max": None}
+
+
+def test_summarize_counts_per_remote_only_with_several_servers() -> None:
+    a, b, c = "127.0.0.1:8443", "127.0.0.1:9443", "[::1]:7443"
+    records = [{**_record(k, 0.001, 0.002, 200), "remote": (a, b)[k % 2]} for k in range(6)]
+    records[3] = {**_record(3, 0.001, 0.002, None), "remote": b}
+    stats = client_module.summarize(records)
+    assert stats["per_remote"] == {
+        a: {"sent": 3, "ok": 3, "failed": 0},
+        b: {"sent": 3, "ok": 2, "failed": 1},
+    }
+    assert "Remote 127.0.0.1:9443: sent=3 ok=2 failed=1" in client_module.format_summary(stats)
+    # The client lists its servers: one nothing reached still shows, with zero counts.
+    listed = client_module.summarize(records, [c, a, b])
+    assert list(listed["per_remote"]) == [c, a, b]
+    assert listed["per_remote"][c] == {"sent": 0, "ok": 0, "failed": 0}
+    # One server: no per-remote breakdown, the totals say it all.
+    single = client_module.summarize([r for r in records if r["remote"] == a], [a])
+    assert "per_remote" not in single
+    assert not any(line.startswith("Remote ") for line in client_module.format_summary(single))
 
 
 @given(

@@ -8,6 +8,7 @@ reused across runs; regenerated when missing, unreadable or within `renew_within
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import ipaddress
 import os
 from dataclasses import dataclass
@@ -38,8 +39,18 @@ class LabCerts:
 
 
 def ensure_certs(directory: Path, renew_within: dt.timedelta = RENEW_WITHIN) -> LabCerts:
-    """Return usable lab certificates in `directory`, creating or renewing them as needed."""
+    """Return usable lab certificates in `directory`, creating or renewing them as needed.
+
+    Several runs may start at once (many targets, or two terminals): a lock makes one of them
+    create the files while the others wait, so nobody pairs a key with another run's CA.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    with (directory / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        return _ensure_locked(directory, renew_within)
+
+
+def _ensure_locked(directory: Path, renew_within: dt.timedelta) -> LabCerts:
     certs = LabCerts(
         ca_cert=directory / "ca.pem",
         ca_key=directory / "ca.key",

@@ -71,16 +71,35 @@ def scenarios_cmd() -> None:
     for s in SCENARIOS.values():
         p = s.params
         count = "until stopped" if p.count == 0 else f"{p.count} requests"
-        print(f"{s.name:<12} {s.description}")
-        print(f"{'':<12} goal: {s.goal}")
-        print(f"{'':<12} defaults: {count}, interval {p.interval:g}s, {p.url}")
+        if p.duration:
+            count += f" for {p.duration:g}s"
+        ports = ",".join(str(port) for port in p.ports)
+        print(f"{s.name}")
+        print(f"    {s.description}")
+        print(f"    hypothesis/goal: {s.goal}")
+        print(
+            f"    defaults: {count}, interval {p.interval:g}s, {p.client} client x{p.clients}, "
+            f"server port(s) {ports}"
+        )
 
 
 @app.command("test")
 @friendly
 def test_cmd(
     scenario: Annotated[str, typer.Argument(help="Scenario name (see `usmlab scenarios`).")],
-    target: Annotated[str, typer.Option(help="Where to run: local.")] = "local",
+    target: Annotated[
+        list[str] | None,
+        typer.Option(help="local or ssh://USER@HOST[:PORT]; repeat to run on several at once."),
+    ] = None,
+    hosts: Annotated[
+        Path | None, typer.Option(help="File with one target per line (adds to --target).")
+    ] = None,
+    identity: Annotated[Path | None, typer.Option(help="SSH private key for ssh:// targets.")] = (
+        None
+    ),
+    work_dir: Annotated[
+        str | None, typer.Option(help="Folder on the target for the kit and runs (~/usmlab).")
+    ] = None,
     runs_dir: Annotated[Path, typer.Option(help="Folder that receives run folders.")] = Path(
         "runs"
     ),
@@ -97,14 +116,41 @@ def test_cmd(
     connection: Annotated[
         str | None, typer.Option(help="new: a TLS connection per request; reuse: keep-alive.")
     ] = None,
-    paths: Annotated[str | None, typer.Option(help="Comma-separated request paths.")] = None,
+    paths: Annotated[
+        str | None, typer.Option(help="Comma-separated request paths; {port} = server port.")
+    ] = None,
+    client: Annotated[str | None, typer.Option(help="Client workload: python or go.")] = None,
+    servers: Annotated[
+        str | None, typer.Option(help="Server ports, e.g. 8443,9443 (one server each).")
+    ] = None,
+    clients: Annotated[
+        int | None, typer.Option(help="Client processes, each with paths of its own.")
+    ] = None,
+    transport_per_request: Annotated[
+        bool | None, typer.Option(help="Go: a new http.Transport per request (churn).")
+    ] = None,
+    skip_close: Annotated[
+        float | None, typer.Option(help="Go: share of response bodies left unclosed, 0..1.")
+    ] = None,
+    gc_every: Annotated[int | None, typer.Option(help="Go: runtime.GC() every N requests.")] = (
+        None
+    ),
+    restart: Annotated[
+        str | None, typer.Option(help="Kill and respawn mid-traffic: client, server, both.")
+    ] = None,
+    restart_after: Annotated[
+        str | None, typer.Option(help="When to restart, into the traffic: 3s.")
+    ] = None,
+    preexisting: Annotated[
+        str | None, typer.Option(help="Traffic this long before the tracer attaches: 2s.")
+    ] = None,
     state_dir: Annotated[
         Path | None, typer.Option(help="Where certificates are kept (default ~/.local/state).")
     ] = None,
 ) -> None:
     """Run a scenario on a target, collect every artifact and print the verdict."""
-    from usmlab.scenarios import get_scenario, parse_duration, parse_paths
-    from usmlab.targets import open_target
+    from usmlab.fleet import read_hosts_file
+    from usmlab.scenarios import get_scenario, parse_duration, parse_paths, parse_ports
     from usmlab.targets.local import default_state_dir
 
     chosen = get_scenario(scenario)
@@ -118,34 +164,62 @@ def test_cmd(
         concurrency=concurrency,
         connection=connection,
         paths=None if paths is None else parse_paths(paths),
+        client=client,
+        servers=None if servers is None else parse_ports(servers),
+        clients=clients,
+        transport_per_request=transport_per_request,
+        skip_close=skip_close,
+        gc_every=gc_every,
+        restart=restart,
+        restart_after=None if restart_after is None else parse_duration(restart_after, "delay"),
+        preexisting=None if preexisting is None else parse_duration(preexisting, "lead time"),
     )
-    lab_target = open_target(target)
+    specs = list(target or [])
+    if hosts is not None:
+        specs += read_hosts_file(hosts)
+    specs = specs or ["local"]
+    for spec in specs:
+        if spec != "local" and not spec.startswith("ssh://"):
+            raise UsageError(f"unknown target {spec!r}: use 'local' or 'ssh://USER@HOST[:PORT]'")
+    if identity is not None and not identity.is_file():
+        raise UsageError(f"identity file {identity} not found")
+    options = {
+        "runs_dir": runs_dir,
+        "tracer": tracer,
+        "state_dir": state_dir or default_state_dir(),
+    }
+    if len(specs) > 1:
+        _test_many(specs, chosen, params, identity, work_dir, options)
+    _test_one(specs[0], chosen, params, identity, work_dir, options)
+
+
+def _test_one(
+    spec: str,
+    scenario: Any,
+    params: Any,
+    identity: Path | None,
+    work_dir: str | None,
+    options: dict[str, Any],
+) -> None:
     from usmlab.analysis.report import render_table
     from usmlab.runner import LabRun
+    from usmlab.targets import open_target
 
+    lab_target = open_target(spec, identity, work_dir)
     try:
-        run = LabRun(
-            lab_target,
-            chosen,
-            params,
-            runs_dir=runs_dir,
-            tracer=tracer,
-            state_dir=state_dir or default_state_dir(),
-            progress=_say,
-        )
-        result = run.execute()
+        result = LabRun(lab_target, scenario, params, progress=_say, **options).execute()
     finally:
         lab_target.close()
     print(result.run_dir)
     if result.report is not None:
         print(render_table(result.report))
     summary = result.manifest.get("client_summary") or {}
-    if summary:
+    if summary.get("sent"):
         jitter = summary.get("jitter_ms") or {}
         print(
             f"client: {summary.get('ok', 0)}/{summary.get('sent', 0)} ok, start jitter "
-            f"p50 {jitter.get('p50', 0):.1f} ms, p99 {jitter.get('p99', 0):.1f} ms, "
-            f"max {jitter.get('max', 0):.1f} ms"
+            f"p50 {jitter.get('p50') or 0:.1f} ms, p99 {jitter.get('p99') or 0:.1f} ms, "
+            f"max {jitter.get('max') or 0:.1f} ms"
         )
     if result.status != "complete":
         _say(f"usmlab: run {result.status}: {result.error or 'see manifest.json'}")
@@ -153,15 +227,68 @@ def test_cmd(
     raise typer.Exit(result.exit_code)
 
 
-def _parse_roles(pairs: list[str]) -> dict[str, list[int]]:
-    """`--pid client=123 --pid server=45` → {"client": [123], "server": [45]}."""
-    roles: dict[str, list[int]] = {}
-    for pair in pairs:
-        name, sep, pid = pair.partition("=")
-        if not sep or not name or not pid.strip().isdigit():
-            raise UsageError(f"malformed --pid {pair!r}: expected ROLE=PID, e.g. client=1234")
-        roles.setdefault(name.strip(), []).append(int(pid))
-    return roles
+def _test_many(
+    specs: list[str],
+    scenario: Any,
+    params: Any,
+    identity: Path | None,
+    work_dir: str | None,
+    options: dict[str, Any],
+) -> None:
+    from usmlab.fleet import fleet_table, run_fleet, worst_exit
+
+    results = run_fleet(
+        specs, scenario, params, identity=identity, work_dir=work_dir, progress=_say, **options
+    )
+    for r in results:
+        print(r.result.run_dir if r.result else f"{r.spec}: {r.error}")
+    print(fleet_table(results))
+    raise typer.Exit(worst_exit([r.exit_code for r in results]))
+
+
+@app.command("collect")
+@friendly
+def collect_cmd(
+    run_dir: Annotated[Path, typer.Argument(help="The local run folder of a remote run.")],
+    identity: Annotated[Path | None, typer.Option(help="SSH key (default: the run's).")] = None,
+) -> None:
+    """Fetch (again) every file of a remote run, verify it, and recompute the verdict."""
+    from usmlab.analysis.report import exit_status, render_table
+    from usmlab.collect import collect_run
+
+    collected = collect_run(run_dir, identity)
+    print(f"{run_dir}: fetched {len(collected.fetched)} file(s), all verified by sha256")
+    if collected.report is not None:
+        print(render_table(collected.report))
+        raise typer.Exit(exit_status(collected.report))
+
+
+@app.command("cleanup")
+@friendly
+def cleanup_cmd(
+    target: Annotated[str, typer.Option(help="local or ssh://USER@HOST[:PORT].")] = "local",
+    identity: Annotated[Path | None, typer.Option(help="SSH private key.")] = None,
+    work_dir: Annotated[str | None, typer.Option(help="usmlab's folder on the target.")] = None,
+) -> None:
+    """End processes that crashed runs left on a target (never anything else)."""
+    from usmlab.leftovers import clean_target
+    from usmlab.targets import open_target
+
+    lab_target = open_target(target, identity, work_dir)
+    try:
+        ended = clean_target(lab_target)
+    finally:
+        lab_target.close()
+    pids = [e for e in ended if "pid" in e]
+    for entry in pids:
+        print(f"ended pid {entry['pid']} (group {entry['pgid']}) of run {entry['run_id']}")
+    for entry in ended:
+        if entry.get("tracefs") == "restored":
+            print(f"restored tracefs settings left by run {entry['run_id']}")
+        if entry.get("nat") == "removed":
+            print(f"removed the NAT rule left by run {entry['run_id']}")
+    if not ended:
+        print("nothing to clean up")
 
 
 @app.command("analyze")
@@ -187,6 +314,7 @@ def analyze_cmd(
         analyze_capture,
         analyze_run,
         exit_status,
+        parse_role_pairs,
         render_table,
         write_report,
     )
@@ -205,7 +333,7 @@ def analyze_cmd(
         for given in (trace, threads, client_log):
             if given is not None and not given.is_file():
                 raise UsageError(f"no such file: {given}")
-        roles = _parse_roles(pid or [])
+        roles = parse_role_pairs(pid or [])
         report = analyze_capture(trace, roles, threads, client_log)
         destination = out or trace.parent
     destination.mkdir(parents=True, exist_ok=True)

@@ -25,8 +25,9 @@ from usmlab.analysis.report import analyze_run, exit_status, write_report
 from usmlab.certs import ensure_certs
 from usmlab.errors import RunInterrupted, UsmlabError
 from usmlab.kit import kit_files
+from usmlab.leftovers import clean_target
 from usmlab.rundir import file_inventory, new_run_dir, now_iso, write_manifest
-from usmlab.scenarios import Params, Scenario
+from usmlab.scenarios import Params, Scenario, check_url
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.trace_capture import TracePipeCapture
 from usmlab.tracers import Tracer, TracerContext
@@ -34,6 +35,11 @@ from usmlab.tracers.builtin import BuiltinTracer
 from usmlab.workloads.client import summarize
 
 Progress = Callable[[str], None]
+
+# Teardown order by role: traffic first, the processes watching it next, the trace reader last.
+STOP_STAGE = {"client": 0, "server": 1, "tracer": 2, "sampler": 2, "capture": 3}
+# A restart is a crash-like stop: SIGTERM, as Kubernetes sends, then SIGKILL.
+RESTART_STOP = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
 
 READY_TIMEOUT = 20.0
 ATTACH_TIMEOUT = 90.0
@@ -55,10 +61,35 @@ class _Started:
     """Processes in start order, so they can be stopped in reverse."""
 
     procs: list[tuple[BackgroundProcess, str]] = field(default_factory=list)
+    ports: dict[str, int] = field(default_factory=dict)
 
-    def add(self, proc: BackgroundProcess, role: str) -> BackgroundProcess:
+    def add(self, proc: BackgroundProcess, role: str, port: int | None = None) -> BackgroundProcess:
         self.procs.append((proc, role))
+        if port is not None:
+            self.ports[proc.name] = port
         return proc
+
+
+def client_failure(path: Path) -> str | None:
+    """Why a run's client got no successful answer at all, or None if some request succeeded."""
+    first_error = None
+    sent = 0
+    try:
+        with path.open(errors="replace") as handle:
+            for line in handle:
+                try:
+                    record = json.loads(line)
+                except ValueError:
+                    continue
+                sent += 1
+                if record.get("error") is None and 200 <= (record.get("status") or 0) < 400:
+                    return None
+                first_error = first_error or record.get("error") or f"status {record.get('status')}"
+    except OSError:
+        return None
+    if not sent:
+        return None
+    return f"none of the {sent} requests succeeded: {first_error}"
 
 
 def choose_tracer(requested: str, target: Target, facts: dict[str, Any]) -> str:
@@ -139,6 +170,14 @@ class LabRun:
         self.started = _Started()
         self.capture: TracePipeCapture | None = None
         self.active_marker: str | None = None
+        self.abort = threading.Event()  # set by a controller running several targets at once
+        self.phases: dict[str, float] = {}
+        self.server_ports: list[int] = list(params.ports)
+        self.clients: list[BackgroundProcess] = []
+        self.go_client: str | None = None
+        self.nat: Any = None
+        self.restarts = 0
+        self._lap_start = time.monotonic()
         self.manifest: dict[str, Any] = {}
 
     # -- helpers ---------------------------------------------------------------------------
@@ -165,7 +204,7 @@ class LabRun:
                 "pgid": proc.pgid,
                 "argv": proc.argv,
                 "exit_code": proc.exit_code,
-                **({"port": self.params.port} if role == "server" else {}),
+                **({"port": self.started.ports[proc.name]} if role == "server" else {}),
             }
             for proc, role in self.started.procs
         ]
@@ -184,7 +223,12 @@ class LabRun:
             "goal": self.scenario.goal,
             "description": self.scenario.description,
             "parameters": self.params.as_dict(),
-            "target": {"kind": self.target.kind, "label": self.target.label},
+            "target": {
+                "kind": self.target.kind,
+                "spec": self.target.spec,
+                "label": self.target.label,
+                "identity": str(self.target.identity) if self.target.identity else None,
+            },
             "controller": {"host": platform.node(), "python": platform.python_version()},
             "status": "starting",
             "started": now_iso(),
@@ -194,6 +238,7 @@ class LabRun:
         }
         write_manifest(self.run_dir, self.manifest)
         self.progress(f"run folder: {self.run_dir}")
+        self._lap_start = time.monotonic()
         status, error = "failed", None
         with _signals_as_interrupts():
             try:
@@ -206,15 +251,54 @@ class LabRun:
                 status, error = "failed", str(exc)
             finally:
                 with _deferred_interrupts():
+                    if status != "complete":
+                        self._lap(f"until {status}")
                     self._teardown()
+                    self._lap("teardown")
                     self.manifest.update(status=status, ended=now_iso())
                     if error:
                         self.manifest["error"] = error
                     self._collect()
+                    self._lap("collect")
         return self._conclude(status, error)
 
     def _run(self) -> None:
         target, params = self.target, self.params
+        facts = self._deploy()
+        tracer_name = choose_tracer(self.requested_tracer, target, facts)
+        tracer = make_tracer(tracer_name)
+        self.manifest["tracer"] = tracer_name
+        self._save_manifest()
+        self._plan_servers()
+        busy = [
+            message
+            for port in self.server_ports
+            if (message := self._port_holder(port, facts if port == params.port else None))
+        ]
+        if busy:
+            raise UsmlabError(busy[0])
+        if params.client == "go":
+            self._build_go_client()
+        self._lap("deploy")
+
+        if params.preexisting:
+            # The hypothesis: connections that exist before the tracer attaches.
+            self._start_servers()
+            self._start_clients()
+            self.progress(f"traffic: running {params.preexisting:g} s before the tracer attaches")
+            self._sleep(params.preexisting)
+            self._start_observers(tracer, facts)
+        else:
+            self._start_observers(tracer, facts)
+            self._start_servers()
+            self._lap("server")
+            self._start_clients()
+        self._drive_traffic()
+        self._lap("client")
+
+    def _deploy(self) -> dict[str, Any]:
+        """Upload the kit, clean leftovers, mark the run alive and learn about the target."""
+        target = self.target
         self.progress(f"target {target.label}: deploying the lab kit")
         certs = ensure_certs(self.state_dir / "certs")
         files = kit_files()
@@ -227,12 +311,11 @@ class LabRun:
         target.run(["mkdir", "-p", "--", self.remote_dir])
         self.manifest["kit"] = {"dir": self.kit_dir, "uploaded": uploaded}
         self.manifest["target"]["run_dir"] = self.remote_dir
+        self.manifest["target"]["work_dir"] = target.work_dir
         self._clean_leftovers()
         self._mark_active()
-
-        port = params.port
-        probe = ["python3", self._kit("probe.py"), "info", "--port", str(port)]
-        facts = json.loads(target.run(probe).stdout)
+        probe = ["python3", self._kit("probe.py"), "info", "--port", str(self.params.port)]
+        facts: dict[str, Any] = json.loads(target.run(probe).stdout)
         facts["local_run_dir"] = str(self.run_dir)
         self.manifest["target"].update(
             host=facts["hostname"],
@@ -244,14 +327,54 @@ class LabRun:
             btf=facts["btf"],
             bpftrace=facts["bpftrace"],
         )
-        tracer_name = choose_tracer(self.requested_tracer, target, facts)
-        tracer = make_tracer(tracer_name)
-        self.manifest["tracer"] = tracer_name
-        self._save_manifest()
+        return facts
 
-        if facts.get("port_in_use"):
-            raise UsmlabError(facts["port_in_use"])
+    def _clean_leftovers(self) -> None:
+        """End processes of earlier runs that crashed (never anything this run or others own)."""
+        ended = [e for e in clean_target(self.target, deploy=False) if "pid" in e]
+        if ended:
+            self.progress(f"cleanup: ended {len(ended)} leftover process(es) of crashed runs")
 
+    def _mark_active(self) -> None:
+        """The marker that tells cleanup this run is alive while its lifeline process is."""
+        pid = self.target.lifeline_pid()
+        if pid is None:
+            return
+        marker = self.run_dir / ".active"
+        marker.write_text(json.dumps({"pid": pid, "run_dir": self.remote_dir}))
+        self.active_marker = self.target.join(self.target.work_dir, "active", self.run_id)
+        self.target.run(["mkdir", "-p", "--", self.target.join(self.target.work_dir, "active")])
+        self.target.put(marker, self.active_marker)
+        marker.unlink()
+
+    def _port_holder(self, port: int, facts: dict[str, Any] | None) -> str | None:
+        if facts is not None:
+            return facts.get("port_in_use")
+        result = self.target.run(["python3", self._kit("probe.py"), "port", str(port)], check=False)
+        return (result.stdout.strip() or f"port {port} is in use") if result.exit_code else None
+
+    def _plan_servers(self) -> None:
+        params = self.params
+        ports = list(params.ports)
+        if params.ephemeral_server:
+            from usmlab.nat import ephemeral_port
+
+            ports = [ephemeral_port(self.target, self.kit_dir)]
+            self.progress(f"server: port {ports[0]} is inside the ephemeral port range")
+        self.server_ports = ports
+        self.manifest["server_ports"] = ports
+
+    def _build_go_client(self) -> None:
+        from usmlab.go_build import build_go_client
+
+        self.progress("client: building the Go client on the target")
+        build = build_go_client(self.target, self.kit_dir, self._kit("goclient"))
+        self.go_client = build["path"]
+        self.manifest["go_client"] = dict(build)
+
+    def _start_observers(self, tracer: Tracer | None, facts: dict[str, Any]) -> None:
+        """trace_pipe reader, thread sampler and tracer; returns once probes are attached."""
+        target = self.target
         if tracer is not None:
             self.progress("capture: opening trace_pipe")
             self.capture = TracePipeCapture(target, self.remote_dir, self.kit_dir)
@@ -277,50 +400,43 @@ class LabRun:
                 kit_dir=self.kit_dir,
                 facts=facts,
                 env=self._env("tracer", "tracer"),
+                go_binaries=[self.go_client] if self.go_client else [],
             )
             proc = self.started.add(tracer.start(target, ctx), "tracer")
             self._save_manifest()
             t0 = time.monotonic()
-            tracer.wait_attached(target, ctx, proc, ATTACH_TIMEOUT)
+            assert self.capture is not None
+            self.capture.wait_ready()
+            tracer.wait_attached(target, ctx, proc, ATTACH_TIMEOUT, self.abort)
+            self.manifest["tracer_attached_mono"] = tracer.attached_mono
             self.progress(f"tracer {tracer.name}: attached in {time.monotonic() - t0:.1f} s")
+        self._lap("observers")
 
-        self._start_server()
-        self._run_client()
+    # -- workloads ---------------------------------------------------------------------------
 
-    def _clean_leftovers(self) -> None:
-        """End processes of earlier runs that crashed (never anything this run or others own)."""
-        argv = ["python3", self._kit("cleanup.py"), "--work-dir", self.target.work_dir]
-        can_sudo = self.target.run(["true"], sudo=True, check=False).ok
-        result = self.target.run(argv, sudo=can_sudo, check=False)
-        ended = [ln for ln in result.stdout.splitlines() if '"pid"' in ln]
-        if ended:
-            self.progress(f"cleanup: ended {len(ended)} leftover process(es) of crashed runs")
+    def _server_name(self, port: int) -> str:
+        return "server" if len(self.server_ports) == 1 else f"server-{port}"
 
-    def _mark_active(self) -> None:
-        """The marker that tells cleanup this run is alive while its lifeline process is."""
-        pid = self.target.lifeline_pid()
-        if pid is None:
-            return
-        marker = self.run_dir / ".active"
-        marker.write_text(json.dumps({"pid": pid, "run_dir": self.remote_dir}))
-        self.active_marker = self.target.join(self.target.work_dir, "active", self.run_id)
-        self.target.run(["mkdir", "-p", "--", self.target.join(self.target.work_dir, "active")])
-        self.target.put(marker, self.active_marker)
-        marker.unlink()
+    def _start_servers(self) -> None:
+        for port in self.server_ports:
+            self._start_server(self._server_name(port), port)
+        if self.params.nat_vip:
+            self._add_nat()
 
-    def _start_server(self) -> None:
+    def _start_server(self, name: str, port: int) -> BackgroundProcess:
         target, params = self.target, self.params
         argv = self._python(
-            "server", "server", "server.py",
-            "--host", params.host, "--port", str(params.port),
+            name, "server", "server.py",
+            "--host", params.host, "--port", str(port), "--name", name,
             "--cert", self._kit("server.pem"), "--key", self._kit("server.key"),
-            "--log", self._remote("server.jsonl"),
+            "--log", self._remote(f"{name}.jsonl"),
         )  # fmt: skip
-        server = target.start(argv, name="server", stdout_path=self._remote("server.log"))
-        self.started.add(server, "server")
+        server = target.start(argv, name=name, stdout_path=self._remote(f"{name}.log"))
+        self.started.add(server, "server", port=port)
         self._save_manifest()
+        url = self._url(params.host, port)
         check = target.run(
-            ["python3", self._kit("client.py"), "--check", "-url", params.url,
+            ["python3", self._kit("client.py"), "--check", "-url", url,
              "--timeout", str(READY_TIMEOUT)],
             check=False,
             timeout=READY_TIMEOUT + 10,
@@ -329,44 +445,166 @@ class LabRun:
             code = target.poll(server)
             log = target.read_text(server.stdout_path).strip().splitlines()
             reason = log[-1] if log and code is not None else check.stderr.strip()
-            raise UsmlabError(f"server did not become ready: {reason}")
-        self.progress(f"server: ready on {params.url} (pid {server.pid})")
+            raise UsmlabError(f"{name} did not become ready: {reason}")
+        self.progress(f"{name}: ready on {url} (pid {server.pid})")
+        return server
 
-    def _run_client(self) -> None:
-        target, params = self.target, self.params
-        argv = self._python(
-            "client", "client", "client.py", *params.client_args(),
-            "--cacert", self._kit("ca.pem"), "--log", self._remote("client.jsonl"),
+    def _add_nat(self) -> None:
+        from usmlab.nat import NatRule
+
+        vip_host, vip_port = check_url(f"https://{self.params.nat_vip}")
+        self.nat = NatRule.add(
+            self.target, self.kit_dir, self.remote_dir, self.run_id,
+            vip_host, vip_port, self.params.host, self.server_ports[0],
         )  # fmt: skip
-        client = target.start(argv, name="client", stdout_path=self._remote("client.log"))
+        self.manifest["nat"] = {
+            "vip": self.params.nat_vip,
+            "to": f"{self.params.host}:{self.server_ports[0]}",
+        }
+        self.progress(f"nat: {self.params.nat_vip} -> {self.params.host}:{self.server_ports[0]}")
+
+    @staticmethod
+    def _url(host: str, port: int) -> str:
+        return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+    def _client_urls(self) -> list[str]:
+        if self.params.nat_vip:
+            return [f"https://{self.params.nat_vip}"]
+        return [self._url(self.params.host, port) for port in self.server_ports]
+
+    def _client_paths(self, index: int) -> tuple[str, ...]:
+        """With several clients, each gets paths of its own, so a capture names its client."""
+        if self.params.clients == 1:
+            return self.params.paths
+        n = index + 1
+        return (
+            f"/api/v1/namespaces/client-{n}/configmaps",
+            f"/api/v1/namespaces/client-{n}/pods",
+            f"/api/v1/persistentvolumes/pvc-client-{n}",
+        )
+
+    def _start_clients(self, duration: float | None = None, suffix: str = "") -> None:
+        params = self.params
+        self.clients = []
+        for index in range(params.clients):
+            name = ("client" if params.clients == 1 else f"client-{index + 1}") + suffix
+            self.clients.append(self._start_client(name, index, duration))
+
+    def _start_client(self, name: str, index: int, duration: float | None) -> BackgroundProcess:
+        params = self.params
+        flags = params.client_args(self._client_urls(), self._client_paths(index))
+        if duration is not None:
+            flags += ["--duration", f"{duration}"]
+        if not params.nat_vip:  # the lab certificate does not name a virtual address
+            flags += ["--cacert", self._kit("ca.pem")]
+        flags += ["--log", self._remote(f"{name}.jsonl")]
+        env = [f"{k}={v}" for k, v in self._env(name, "client").items()]
+        if params.client == "go":
+            argv = ["env", *env, self.go_client or "", *flags]
+        else:
+            argv = ["env", *env, "python3", self._kit("client.py"), *flags]
+        client = self.target.start(argv, name=name, stdout_path=self._remote(f"{name}.log"))
         self.started.add(client, "client")
         self._save_manifest()
-        total = str(params.count) if params.count else "∞"
+        return client
+
+    def _drive_traffic(self) -> None:
+        """Wait for the clients, showing progress; restart processes when the scenario says."""
+        params = self.params
+        total = str(params.count * params.clients) if params.count else "∞"
         if not params.count and params.duration is None:
             self.progress("client: running until Ctrl-C (or use --duration)")
-        last = time.monotonic()
-        while (code := target.poll(client)) is None:
+        started = time.monotonic()
+        restart_due = started + params.restart_after if params.restart else None
+        last = started
+        while True:
+            codes = [self.target.poll(c) for c in self.clients]
+            if all(code is not None for code in codes):
+                break
+            self._check_abort()
             time.sleep(0.1)
-            if time.monotonic() - last >= PROGRESS_EVERY:
-                last = time.monotonic()
-                done = target.run(
-                    ["wc", "-l", self._remote("client.jsonl")], check=False
-                ).stdout.split()
-                self.progress(f"client: {done[0] if done else 0}/{total} requests")
-        self.progress(f"client: finished (exit {code})")
+            now = time.monotonic()
+            if restart_due is not None and now >= restart_due:
+                restart_due = None
+                remaining = None
+                if params.duration is not None:
+                    remaining = max(0.5, params.duration - (now - started))
+                self._restart(remaining)
+            if now - last >= PROGRESS_EVERY:
+                last = now
+                self.progress(f"client: {self._requests_done()}/{total} requests")
+        self.progress(f"client: finished (exit {', '.join(str(c) for c in codes)})")
+
+    def _requests_done(self) -> int:
+        names = [
+            self._remote(f"{p.name}.jsonl") for p, role in self.started.procs if role == "client"
+        ]
+        out = self.target.run(["cat", "--", *names], check=False).stdout
+        return out.count("\n")
+
+    def _restart(self, remaining: float | None) -> None:
+        """Kill and respawn (new PIDs), as a CronJob restart does in production."""
+        kind = self.params.restart
+        self.restarts += 1
+        suffix = f"-r{self.restarts}"
+        if kind in ("server", "both"):
+            servers = [(p, port) for p, role, port in self._servers() if p.exit_code is None]
+            self.target.stop_many([p for p, _ in servers], RESTART_STOP)
+            for proc, port in servers:
+                base = proc.name.split("-r")[0]
+                self._start_server(f"{base}{suffix}", port)
+        if kind in ("client", "both"):
+            self.target.stop_many(self.clients, RESTART_STOP)
+            self._start_clients(remaining, suffix)
+        self.progress(f"restart: {kind} respawned with new PIDs")
+
+    def _servers(self) -> list[tuple[BackgroundProcess, str, int]]:
+        return [
+            (p, role, self.started.ports.get(p.name, 0))
+            for p, role in self.started.procs
+            if role == "server"
+        ]
+
+    def _sleep(self, seconds: float) -> None:
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            self._check_abort()
+            time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
+
+    def _lap(self, phase: str) -> None:
+        """Record how long the phase that just ended took (manifest `phases`, seconds)."""
+        now = time.monotonic()
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + now - self._lap_start, 3)
+        self._lap_start = now
+        self.manifest["phases"] = self.phases
+
+    def _check_abort(self) -> None:
+        if self.abort.is_set():
+            raise KeyboardInterrupt
 
     def _teardown(self) -> None:
-        """Stop in reverse start order; every step is attempted whatever the others do."""
-        for proc, role in reversed(self.started.procs):
+        """Stop clients, then servers, then the observers together, then the trace reader.
+
+        Every stage is attempted whatever the others do; the reader goes last so it keeps
+        every line the tracer wrote up to its exit.
+        """
+        for stage in sorted({STOP_STAGE[role] for _, role in self.started.procs}):
+            procs = [p for p, role in reversed(self.started.procs) if STOP_STAGE[role] == stage]
             try:
-                if role == "capture" and self.capture is not None:
+                if procs[0].name == "capture" and self.capture is not None:
                     self.capture.stop()
                 else:
-                    self.target.stop(proc)
+                    self.target.stop_many(procs)
             except Exception as exc:  # noqa: BLE001 - one failed stop must not skip the others
-                self.progress(f"warning: could not stop {proc.name} (pid {proc.pid}): {exc}")
+                names = ", ".join(f"{p.name} (pid {p.pid})" for p in procs)
+                self.progress(f"warning: could not stop {names}: {exc}")
         if self.capture is not None and self.capture.proc is None:
             self.capture.stop()  # prepared tracefs but the reader never started
+        if self.nat is not None:
+            try:
+                self.nat.remove()
+            except Exception as exc:  # noqa: BLE001 - reported; cleanup removes it later
+                self.progress(f"warning: could not remove the NAT rule: {exc}")
         with contextlib.suppress(Exception):
             self._save_manifest()
         if self.active_marker:
@@ -393,12 +631,19 @@ class LabRun:
         self.manifest["client_summary"] = summarize(records)
 
     def _conclude(self, status: str, error: str | None) -> RunResult:
+        if status == "complete":
+            failure = client_failure(self.run_dir / "client.jsonl")
+            if failure:
+                status, error = "failed", failure
+                self.manifest.update(status=status, error=error)
+                write_manifest(self.run_dir, self.manifest)
         report = None
         code = 0
         if status != "failed" or (self.run_dir / "client.jsonl").exists():
             try:
                 report = analyze_run(self.run_dir)
                 write_report(report, self.run_dir)
+                self._lap("analysis")
                 code = exit_status(report)
                 self.manifest["outcome"] = report.outcome
                 self.manifest["files"] = file_inventory(self.run_dir)

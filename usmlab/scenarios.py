@@ -69,9 +69,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
+CLIENT_KINDS = ("python", "go")
+RESTART_KINDS = ("client", "server", "both")
+GO_ONLY = ("transport_per_request", "skip_close", "gc_every", "http2")
+
+
 @dataclass(frozen=True)
 class Params:
-    """What the workloads are asked to do in one run."""
+    """What the workloads are asked to do in one run.
+
+    The defaults are the seed's single Python client against a single server; the fields after
+    `paths` describe the hypothesis scenarios (field notes §3).
+    """
 
     url: str = "https://127.0.0.1:8443"
     count: int = 10
@@ -80,6 +89,18 @@ class Params:
     concurrency: int = 1
     connection: str = "new"
     paths: tuple[str, ...] = DEFAULT_PATHS
+    client: str = "python"
+    servers: tuple[int, ...] = ()  # ports; empty: the URL's port
+    clients: int = 1  # client processes, each with its own paths
+    transport_per_request: bool = False  # Go: a new http.Transport per request
+    skip_close: float = 0.0  # Go: share of response bodies left unclosed
+    gc_every: int = 0  # Go: runtime.GC() every N requests
+    http2: bool = False  # Go: allow h2
+    restart: str | None = None  # kill and respawn: client, server or both
+    restart_after: float = 2.0  # seconds into the traffic
+    preexisting: float = 0.0  # seconds of traffic before the tracer attaches
+    nat_vip: str | None = None  # loopback HOST:PORT DNAT'ed to the (first) server
+    ephemeral_server: bool = False  # servers listen inside the ephemeral port range
 
     def validate(self) -> Params:
         check_url(self.url)
@@ -95,6 +116,29 @@ class Params:
             raise UsageError(f"connection must be 'new' or 'reuse', got {self.connection!r}")
         if not self.paths or any(not p.startswith("/") for p in self.paths):
             raise UsageError("paths must be a comma-separated list of paths starting with '/'")
+        if self.client not in CLIENT_KINDS:
+            raise UsageError(f"client must be python or go, got {self.client!r}")
+        if any(not 0 < p < 65536 for p in self.servers) or len(set(self.servers)) != len(
+            self.servers
+        ):
+            raise UsageError("servers must be distinct TCP ports, e.g. 8443,9443")
+        if self.clients < 1:
+            raise UsageError(f"clients must be at least 1, got {self.clients}")
+        if not 0 <= self.skip_close <= 1:
+            raise UsageError(f"skip-close must be between 0 and 1, got {self.skip_close}")
+        if self.gc_every < 0:
+            raise UsageError(f"gc-every must not be negative, got {self.gc_every}")
+        if self.client != "go":
+            used = [f for f in GO_ONLY if getattr(self, f) != getattr(Params, f)]
+            if used:
+                flags = ", ".join("--" + f.replace("_", "-") for f in used)
+                raise UsageError(f"{flags}: only the Go client has this (--client go)")
+        if self.restart is not None and self.restart not in RESTART_KINDS:
+            raise UsageError(f"restart must be client, server or both, got {self.restart!r}")
+        if self.restart_after < 0 or self.preexisting < 0:
+            raise UsageError("restart-after and preexisting must not be negative")
+        if self.nat_vip is not None:
+            check_url(f"https://{self.nat_vip}")
         return self
 
     @property
@@ -105,23 +149,37 @@ class Params:
     def host(self) -> str:
         return check_url(self.url)[0]
 
-    def client_args(self) -> list[str]:
-        """The client's command-line flags for these parameters."""
+    @property
+    def ports(self) -> tuple[int, ...]:
+        """The server ports of the run, first one first."""
+        return self.servers or (self.port,)
+
+    def client_args(self, urls: list[str], paths: tuple[str, ...] | None = None) -> list[str]:
+        """The client's command-line flags (both clients take the same ones)."""
         args = [
-            "-url", self.url,
+            "-url", ",".join(urls),
             "-count", str(self.count),
             "-interval", f"{self.interval}",
             "--concurrency", str(self.concurrency),
             "--connection", self.connection,
-            "--paths", ",".join(self.paths),
+            "--paths", ",".join(paths or self.paths),
         ]  # fmt: skip
         if self.duration is not None:
             args += ["--duration", f"{self.duration}"]
+        if self.transport_per_request:
+            args.append("--transport-per-request")
+        if self.skip_close:
+            args += ["--skip-close", f"{self.skip_close}"]
+        if self.gc_every:
+            args += ["--gc-every", str(self.gc_every)]
+        if self.http2:
+            args.append("--http2")
         return args
 
     def as_dict(self) -> dict[str, object]:
         data = dataclasses.asdict(self)
         data["paths"] = list(self.paths)
+        data["servers"] = list(self.ports)
         return data
 
 
@@ -137,6 +195,8 @@ class Scenario:
         given = {k: v for k, v in overrides.items() if v is not None}
         return dataclasses.replace(self.params, **given).validate()
 
+
+IDENTIFY = ("/server{port}/identify",)
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -159,6 +219,76 @@ SCENARIOS: dict[str, Scenario] = {
             description="Burst traffic: 100 requests, one every 100 ms.",
             params=Params(count=100, interval=0.1),
         ),
+        Scenario(
+            name="churn",
+            goal="Reproduce the Go-TLS misattribution (tls.Conn address reuse)",
+            description=(
+                "The reproduction from the field: a Go crypto/tls client, a new transport per "
+                "request, 20 workers, 20% of bodies left unclosed, GC every 50 requests, two "
+                "servers (8443, 9443) each answering a path that names it."
+            ),
+            params=Params(
+                count=2000,
+                interval=0.0,
+                concurrency=20,
+                client="go",
+                servers=(8443, 9443),
+                paths=IDENTIFY,
+                transport_per_request=True,
+                skip_close=0.2,
+                gc_every=50,
+            ),
+        ),
+        Scenario(
+            name="restart",
+            goal="Do process restarts mid-traffic leave stale attributions?",
+            description=(
+                "Client and server killed and respawned mid-traffic with new PIDs, as when a "
+                "CronJob restart lined up with misattributions in production."
+            ),
+            params=Params(count=0, duration=6.0, interval=0.05, restart="both", restart_after=3.0),
+        ),
+        Scenario(
+            name="preexisting",
+            goal="Are connections that existed before the tracer attached misattributed?",
+            description=(
+                "Traffic on keep-alive connections starts 2 s before the tracer attaches and "
+                "goes on after it."
+            ),
+            params=Params(
+                count=0,
+                duration=5.0,
+                interval=0.05,
+                connection="reuse",
+                concurrency=2,
+                preexisting=2.0,
+            ),
+        ),
+        Scenario(
+            name="nat",
+            goal="Does a virtual IP DNAT'ed to the server confuse attribution?",
+            description=(
+                "The client calls 127.0.0.42:443, DNAT'ed (nftables, root only) to the server "
+                "on 127.0.0.1:8443, like a Kubernetes service address. Rules are removed "
+                "afterwards, even on Ctrl-C."
+            ),
+            params=Params(count=50, interval=0.05, nat_vip="127.0.0.42:443"),
+        ),
+        Scenario(
+            name="ephemeral-port-server",
+            goal="Does a server port inside the ephemeral range flip client/server direction?",
+            description=(
+                "The server listens on a free port inside ip_local_port_range, where USM's "
+                "direction heuristic may take it for the client side."
+            ),
+            params=Params(count=50, interval=0.05, ephemeral_server=True),
+        ),
+        Scenario(
+            name="multi-client",
+            goal="With several client processes, is each request attributed to its own client?",
+            description="Three client processes at once, each with paths of its own.",
+            params=Params(count=30, interval=0.05, clients=3),
+        ),
     )
 }
 
@@ -169,6 +299,14 @@ def get_scenario(name: str) -> Scenario:
     except KeyError:
         known = ", ".join(SCENARIOS)
         raise UsageError(f"unknown scenario {name!r}: choose one of {known}") from None
+
+
+def parse_ports(text: str) -> tuple[int, ...]:
+    """`8443,9443` → (8443, 9443); Params.validate() checks the range."""
+    try:
+        return tuple(int(p) for p in text.split(",") if p.strip())
+    except ValueError:
+        raise UsageError(f"malformed port list {text!r}: use e.g. 8443,9443") from None
 
 
 def parse_paths(text: str) -> tuple[str, ...]:

@@ -29,7 +29,11 @@ class TracePipeCapture:
         self.proc: BackgroundProcess | None = None
 
     def start(self, env: dict[str, str]) -> BackgroundProcess:
-        """Prepare tracefs and start reading trace_pipe into trace_pipe.log."""
+        """Prepare tracefs (emptying its buffer) and start the reader of trace_pipe.
+
+        Whatever is written after the buffer was emptied is kept, so a tracer may start while
+        the reader is still opening; wait_ready() says when it holds trace_pipe.
+        """
         tracefs = self.target.join(self.kit_dir, "tracefs.py")
         result = self.target.run(
             ["python3", tracefs, "prepare", "--state", self.state_file,
@@ -50,7 +54,12 @@ class TracePipeCapture:
             argv, name="capture", stdout_path=self.target.join(self.run_dir, "capture.log"),
             sudo=True,
         )  # fmt: skip
-        deadline = time.monotonic() + 10
+        return self.proc
+
+    def wait_ready(self, timeout: float = 10.0) -> None:
+        """Return once the reader holds trace_pipe; a one-line error if it cannot."""
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
         while "reading" not in self.target.read_text(self.proc.stdout_path):
             code = self.target.poll(self.proc)
             if code is not None or time.monotonic() > deadline:
@@ -58,7 +67,6 @@ class TracePipeCapture:
                 reason = lines[-1].removeprefix("error: ") if lines else f"exit status {code}"
                 raise UsmlabError(f"cannot read trace_pipe: {reason}")
             time.sleep(0.02)
-        return self.proc
 
     def stop(self) -> None:
         """Stop the reader, then restore tracefs; each half runs even if the other fails."""

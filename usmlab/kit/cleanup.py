@@ -3,10 +3,11 @@
 
 Every process usmlab starts carries USMLAB_RUN_ID in its environment, and every live run keeps a
 marker `<work_dir>/active/<run_id>` (JSON: pid, run_dir) naming the process whose life is the
-run's life (the local controller, or the SSH lease). A process whose run has no live marker is a
-leftover: its process group gets SIGTERM, then SIGKILL. Processes without the variable are
-never touched.
-tracefs settings a crashed run changed are restored from the state file it left behind.
+run's life (the local controller, or the SSH lease), written before the run starts anything and
+removed when it ends cleanly. A process of a run whose marker names a dead lifeline is a
+leftover: its process group gets SIGTERM, then SIGKILL. Processes of runs without a marker here
+(another work dir's) and processes without the variable are never touched.
+tracefs settings and NAT rules a crashed run left are undone from the state files it wrote.
 """
 
 import argparse
@@ -60,15 +61,15 @@ def pid_alive(pid):
     return True
 
 
-def leftovers(live_runs, only_run=None):
-    """(run_id, pid, pgid) of processes belonging to runs that are no longer live."""
+def leftovers(dead_runs):
+    """(run_id, pid, pgid) of processes belonging to the given dead runs."""
     found = []
     me = os.getpid()
     for entry in os.listdir("/proc"):
         if not entry.isdigit() or int(entry) == me:
             continue
         run_id = run_id_of(entry)
-        if run_id is None or run_id in live_runs or (only_run and run_id != only_run):
+        if run_id is None or run_id not in dead_runs:
             continue
         try:
             found.append((run_id, int(entry), os.getpgid(int(entry))))
@@ -94,8 +95,14 @@ def main(argv):
     parser.add_argument("--run-id", help="only this run's leftovers")
     args = parser.parse_args(argv)
     markers = read_markers(args.work_dir)
-    live = {run_id for run_id, (_, _, is_live) in markers.items() if is_live}
-    found = leftovers(live, args.run_id)
+    # Only runs of this work dir whose lifeline died: another work dir's runs, or processes
+    # with no marker at all, are not ours to end.
+    dead = {
+        run_id
+        for run_id, (_, _, is_live) in markers.items()
+        if not is_live and (not args.run_id or run_id == args.run_id)
+    }
+    found = leftovers(dead)
     stop_groups(found)
     for run_id, pid, pgid in found:
         print(json.dumps({"run_id": run_id, "pid": pid, "pgid": pgid}))
@@ -108,6 +115,13 @@ def main(argv):
             tracefs = os.path.join(here, "tracefs.py")
             subprocess.run([sys.executable, tracefs, "restore", "--state", state])
             print(json.dumps({"run_id": run_id, "tracefs": "restored"}))
+        nat_state = os.path.join(run_dir or "", ".nat-state.json")
+        if run_dir and os.path.exists(nat_state):
+            nat = os.path.join(here, "nat.py")
+            subprocess.run(
+                [sys.executable, nat, "remove", "--state", nat_state], stdout=subprocess.DEVNULL
+            )
+            print(json.dumps({"run_id": run_id, "nat": "removed"}))
         with contextlib.suppress(OSError):
             os.unlink(os.path.join(args.work_dir, "active", run_id))
     return 0

@@ -67,6 +67,8 @@ class Target(ABC):
     """Run commands, move files and manage background processes somewhere."""
 
     kind: str = "abstract"
+    spec: str = ""  # how the user named it on the command line
+    identity: Path | None = None  # key file, for transports that use one
 
     @property
     @abstractmethod
@@ -145,14 +147,25 @@ class Target(ABC):
         sequence: Sequence[tuple[signal.Signals, float]] = STOP_SEQUENCE,
     ) -> int | None:
         """Stop a process group by escalating signals; returns its exit status if known."""
-        code = self.poll(proc)
+        return self.stop_many([proc], sequence)[0]
+
+    def stop_many(
+        self,
+        procs: Sequence[BackgroundProcess],
+        sequence: Sequence[tuple[signal.Signals, float]] = STOP_SEQUENCE,
+    ) -> list[int | None]:
+        """Stop several process groups at once: each step signals all, then waits for all."""
+        running = [p for p in procs if self.poll(p) is None]
         for sig, grace in sequence:
-            if code is not None:
+            if not running:
                 break
-            self.signal_group(proc, sig)
-            code = self.wait(proc, grace, step=0.02 if grace < 1 else 0.1)
-        proc.exit_code = code
-        return code
+            for proc in running:
+                self.signal_group(proc, sig)
+            deadline = time.monotonic() + grace
+            while running and time.monotonic() < deadline:
+                time.sleep(0.02)
+                running = [p for p in running if self.poll(p) is None]
+        return [p.exit_code for p in procs]
 
     def join(self, *parts: str) -> str:
         """Join target paths (targets are POSIX)."""
@@ -167,12 +180,35 @@ class Target(ABC):
         found = self.run(["find", remote_dir, "-type", "f", "-printf", "%P\\n"], sudo=True)
         return sorted(line for line in found.stdout.splitlines() if line)
 
-    def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
-        """Copy every file of a remote folder into local_dir; returns the relative paths."""
+    def file_hashes(self, remote_dir: str) -> dict[str, str]:
+        """sha256 of every file under remote_dir, computed on the target."""
         names = self.list_files(remote_dir)
-        for name in names:
-            self.get(self.join(remote_dir, name), local_dir / name)
-        return names
+        if not names:
+            return {}
+        paths = [self.join(remote_dir, n) for n in names]
+        listing = self.run(["sha256sum", "--", *paths], sudo=True, timeout=300).stdout
+        digests = {}
+        for line in listing.splitlines():
+            digest, _, path = line.partition("  ")
+            digests[path] = digest
+        return {n: digests[p] for n, p in zip(names, paths, strict=True) if p in digests}
+
+    def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
+        """Copy every file of a remote folder into local_dir, verified by sha256.
+
+        Files already present locally with the right content are not copied again, so an
+        interrupted collection resumes where it stopped. Returns the relative paths fetched.
+        """
+        fetched = []
+        for name, digest in self.file_hashes(remote_dir).items():
+            local = local_dir / name
+            if local.is_file() and sha256_file(local) == digest:
+                continue
+            self.get(self.join(remote_dir, name), local)
+            if sha256_file(local) != digest:
+                raise UsmlabError(f"{name} changed in transit (sha256 mismatch); collect again")
+            fetched.append(name)
+        return fetched
 
     def read_text(self, remote: str, sudo: bool = False) -> str:
         return self.run(["cat", "--", remote], sudo=sudo).stdout

@@ -22,6 +22,7 @@ def default_state_dir() -> Path:
 
 class LocalTarget(Target):
     kind = "local"
+    spec = "local"
 
     def __init__(self, work_dir: Path | None = None) -> None:
         self._work_dir = (work_dir or default_state_dir()).resolve()
@@ -99,11 +100,9 @@ class LocalTarget(Target):
         return str(local_run_dir)
 
     def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
-        names = self.list_files(remote_dir)
-        if Path(remote_dir).resolve() != local_dir.resolve():
-            for name in names:
-                self.get(self.join(remote_dir, name), local_dir / name)
-        return names
+        if Path(remote_dir).resolve() == local_dir.resolve():
+            return []  # written in place
+        return super().fetch_dir(remote_dir, local_dir)
 
     def start(
         self,

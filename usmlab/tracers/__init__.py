@@ -6,6 +6,7 @@ it reports that its probes are attached (field notes §1: start order matters).
 
 from __future__ import annotations
 
+import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
@@ -26,11 +27,13 @@ class TracerContext:
     kit_dir: str  # on the target
     facts: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
+    go_binaries: list[str] = field(default_factory=list)  # Go programs to probe too
 
 
 class Tracer(ABC):
     name: str = "abstract"
     log_name: str = "tracer.log"
+    attached_mono: float | None = None  # target CLOCK_MONOTONIC when probes were attached
 
     @abstractmethod
     def start(self, target: Target, ctx: TracerContext) -> BackgroundProcess:
@@ -41,10 +44,17 @@ class Tracer(ABC):
         """True once every probe is attached."""
 
     def wait_attached(
-        self, target: Target, ctx: TracerContext, proc: BackgroundProcess, timeout: float
+        self,
+        target: Target,
+        ctx: TracerContext,
+        proc: BackgroundProcess,
+        timeout: float,
+        abort: threading.Event | None = None,
     ) -> None:
         deadline = time.monotonic() + timeout
         while not self.attached(target, ctx, proc):
+            if abort is not None and abort.is_set():
+                raise KeyboardInterrupt
             code = target.poll(proc)
             if code is not None:
                 raise UsmlabError(

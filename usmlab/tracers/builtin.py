@@ -61,6 +61,13 @@ class BuiltinTracer(Tracer):
         if not functions:
             raise UsmlabError(f"none of {', '.join(SSL_FUNCTIONS)} found in {libraries[0]}")
         program = render_program(ctx.run_id, functions)
+        if ctx.go_binaries:
+            from usmlab.tracers.go_tls import check_go_binary, go_arch, render_go_probes
+
+            for binary in ctx.go_binaries:
+                check_go_binary(target, binary)
+            arch = go_arch(str(ctx.facts.get("machine", "")))
+            program += render_go_probes(ctx.run_id, ctx.go_binaries, arch)
         local_copy = Path(ctx.facts["local_run_dir"]) / PROGRAM_NAME
         local_copy.write_text(program)
         remote_program = target.join(ctx.run_dir, PROGRAM_NAME)
@@ -77,4 +84,8 @@ class BuiltinTracer(Tracer):
 
     def attached(self, target: Target, ctx: TracerContext, proc: BackgroundProcess) -> bool:
         log = target.run(["cat", "--", proc.stdout_path], check=False).stdout
-        return ATTACHED_MARK in log
+        match = re.search(ATTACHED_MARK + r"(?: (\d+))?", log)
+        if match and match.group(1):
+            # BEGIN runs once every probe is attached; nsecs is CLOCK_MONOTONIC in ns.
+            self.attached_mono = int(match.group(1)) / 1e9
+        return match is not None

@@ -7,6 +7,10 @@ test client. Request k is due at ``t0 + k * interval`` whatever earlier requests
 traffic pattern is the same on every run; each request becomes one JSON line in ``--log``
 (format in docs/formats.md) with the socket details the analysis needs to attribute it.
 
+The bug reproduced with two servers on different ports, each answering a path that names it, so
+one client can rotate over several servers (``-url a,b``: request k goes to url k % n) and a path
+can name the server it is sent to (``--paths /server{port}/identify``).
+
 Importable too: ``parse_duration``, ``parse_url`` and ``summarize`` are reused by the runner.
 """
 
@@ -127,8 +131,21 @@ def parse_url(url: str) -> Target:
     return Target(host, port if port is not None else 443, parts.path.rstrip("/"))
 
 
+def parse_urls(text: str) -> Tuple[Target, ...]:
+    """Comma-separated https URLs (request k goes to the k % n-th); ValueError on a bad one."""
+    urls = [u.strip() for u in text.split(",") if u.strip()]
+    if not urls:
+        raise ValueError("invalid url {!r}: expected https://host[:port][/path]".format(text))
+    return tuple(parse_url(u) for u in urls)
+
+
+# The one token a path may contain: replaced by the port of the server the request goes to.
+PORT_TOKEN = "{port}"
+_BRACED = re.compile(r"\{[^{}]*\}")
+
+
 def parse_paths(text: str) -> Tuple[str, ...]:
-    """Comma-separated absolute paths; ValueError if empty or one does not start with /."""
+    """Comma-separated absolute paths, ``{port}`` allowed; ValueError on anything else."""
     paths = tuple(p.strip() for p in text.split(",") if p.strip())
     if not paths:
         raise ValueError("--paths needs at least one path")
@@ -137,7 +154,22 @@ def parse_paths(text: str) -> Tuple[str, ...]:
             raise ValueError(
                 "invalid path {!r}: paths start with / and have no spaces".format(path)
             )
+        rest = path.replace(PORT_TOKEN, "")
+        if "{" in rest or "}" in rest:
+            unknown = _BRACED.search(rest)
+            raise ValueError(
+                "invalid path {!r}: {} (the only token is {})".format(
+                    path,
+                    "unknown token " + unknown.group(0) if unknown else "unmatched brace",
+                    PORT_TOKEN,
+                )
+            )
     return paths
+
+
+def expand_path(template: str, port: int) -> str:
+    """The path as sent: ``{port}`` replaced by the port of the server it goes to."""
+    return template.replace(PORT_TOKEN, str(port))
 
 
 class ClientConfig:
@@ -145,7 +177,7 @@ class ClientConfig:
 
     def __init__(
         self,
-        target: Target,
+        targets: Sequence[Target],
         count: int,
         interval: float,
         duration: Optional[float],
@@ -157,7 +189,7 @@ class ClientConfig:
         timeout: float,
         check: bool,
     ) -> None:
-        self.target = target
+        self.targets = tuple(targets)
         self.count = count
         self.interval = interval
         self.duration = duration
@@ -183,7 +215,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="HTTPS client for the USM lab (flags -url/-count/-interval as the Go one).",
         allow_abbrev=False,
     )
-    parser.add_argument("-url", "--url", default=DEFAULT_URL, help="https://host[:port]")
+    parser.add_argument(
+        "-url",
+        "--url",
+        default=DEFAULT_URL,
+        help="https://host[:port][/prefix], or several comma-separated: request k goes to url k%%n",
+    )
     parser.add_argument("-count", "--count", default=str(DEFAULT_COUNT), help="0 = until stopped")
     parser.add_argument(
         "-interval", "--interval", default=DEFAULT_INTERVAL, help="2s, 500ms, 0.1 (seconds)"
@@ -196,12 +233,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="new TLS connection per request, or one keep-alive connection per worker",
     )
     parser.add_argument("--duration", default=None, help="stop scheduling after this long")
-    parser.add_argument("--paths", default=None, help="comma-separated paths, used in rotation")
+    parser.add_argument(
+        "--paths",
+        default=None,
+        help="comma-separated paths, used in rotation; {port} = port of the request's server",
+    )
     parser.add_argument("--cacert", default=None, help="verify the server against this CA")
     parser.add_argument("--log", default=None, help="client.jsonl path (appended to)")
     parser.add_argument("--timeout", default=DEFAULT_TIMEOUT, help="per-request socket timeout")
     parser.add_argument(
-        "--check", action="store_true", help="only wait for a TLS handshake to succeed"
+        "--check", action="store_true", help="only wait for a TLS handshake with every url"
     )
     return parser
 
@@ -211,7 +252,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ClientConfig:
     parser = build_parser()
     args = parser.parse_args(_attach_dash_values(parser, sys.argv[1:] if argv is None else argv))
     try:
-        target = parse_url(args.url)
+        targets = parse_urls(args.url)
         interval = parse_duration(args.interval)
         timeout = parse_duration(args.timeout)
         duration = parse_duration(args.duration) if args.duration is not None else None
@@ -229,7 +270,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ClientConfig:
     if duration is not None and duration <= 0:
         raise UsageError("duration must be > 0")
     return ClientConfig(
-        target=target,
+        targets=targets,
         count=count,
         interval=interval,
         duration=duration,
@@ -307,12 +348,15 @@ def is_ok(record: Record) -> bool:
     return record.get("error") is None and isinstance(status, int) and 200 <= status < 400
 
 
-def summarize(records: Sequence[Record]) -> Dict[str, Any]:
+def summarize(records: Sequence[Record], remotes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Counts, throughput, latency (successful requests) and start jitter (all requests).
 
     Start jitter is ``start_mono - scheduled_mono``: how late each request left compared with
     its slot in the schedule. Keys: sent, ok, failed, connections, duration_s,
     requests_per_second, latency_ms and jitter_ms (each {p50, p99, max}, None when empty).
+    With several servers, ``per_remote`` ({remote: {sent, ok, failed}}) shows whether each one
+    got its share; it is there when ``remotes`` (the client's servers, in url order, listed even
+    if nothing reached them) has more than one, or else when the records name more than one.
     """
     ok = [r for r in records if is_ok(r)]
     latencies = [
@@ -329,7 +373,7 @@ def summarize(records: Sequence[Record]) -> Dict[str, Any]:
     ends = [r["end_mono"] for r in records if r.get("end_mono") is not None]
     duration = (max(ends) - min(starts)) if starts and ends else 0.0
     connections = {r.get("conn_id") for r in records if r.get("conn_id") is not None}
-    return {
+    stats: Dict[str, Any] = {
         "sent": len(records),
         "ok": len(ok),
         "failed": len(records) - len(ok),
@@ -339,6 +383,23 @@ def summarize(records: Sequence[Record]) -> Dict[str, Any]:
         "latency_ms": _spread_ms(latencies),
         "jitter_ms": _spread_ms(jitters),
     }
+    per_remote = _count_per_remote(records, remotes)
+    if len(per_remote) > 1:
+        stats["per_remote"] = per_remote
+    return stats
+
+
+def _count_per_remote(
+    records: Sequence[Record], remotes: Optional[Sequence[str]]
+) -> Dict[str, Dict[str, int]]:
+    counts: Dict[str, Dict[str, int]] = {}
+    for remote in remotes or ():
+        counts.setdefault(remote, {"sent": 0, "ok": 0, "failed": 0})
+    for record in records:
+        count = counts.setdefault(str(record.get("remote")), {"sent": 0, "ok": 0, "failed": 0})
+        count["sent"] += 1
+        count["ok" if is_ok(record) else "failed"] += 1
+    return counts
 
 
 def format_summary(stats: Dict[str, Any]) -> List[str]:
@@ -351,7 +412,7 @@ def format_summary(stats: Dict[str, Any]) -> List[str]:
         )
 
     rate = stats["requests_per_second"]
-    return [
+    lines = [
         "Summary: sent={} ok={} failed={} connections={} in {:.2f} s ({} req/s)".format(
             stats["sent"],
             stats["ok"],
@@ -363,6 +424,13 @@ def format_summary(stats: Dict[str, Any]) -> List[str]:
         "Latency ms: " + spread(stats["latency_ms"]),
         "Start jitter ms: " + spread(stats["jitter_ms"]),
     ]
+    for remote, count in stats.get("per_remote", {}).items():
+        lines.append(
+            "Remote {}: sent={} ok={} failed={}".format(
+                remote, count["sent"], count["ok"], count["failed"]
+            )
+        )
+    return lines
 
 
 # ---------------------------------------------------------------------------------------------
@@ -423,6 +491,10 @@ class Connection:
         self.conn_id = conn_id
 
 
+# A worker's open keep-alive connections (reuse mode), one per server: index in config.targets.
+KeptConnections = Dict[int, Connection]
+
+
 class LabClient:
     """Runs the schedule with N workers, records every request, prints a summary."""
 
@@ -478,7 +550,7 @@ class LabClient:
     # -- workers -------------------------------------------------------------------------------
 
     def _work(self) -> None:
-        connection: Optional[Connection] = None
+        kept: KeptConnections = {}
         try:
             while True:
                 slot = self.schedule.take()
@@ -487,9 +559,9 @@ class LabClient:
                 seq, due = slot
                 if not self._wait_until(due):
                     return
-                connection = self._request(seq, due, connection)
+                self._request(seq, due, kept)
         finally:
-            if connection is not None:
+            for connection in kept.values():
                 connection.http.close()
 
     def _wait_until(self, due: float) -> bool:
@@ -501,18 +573,19 @@ class LabClient:
             if self.stop_event.wait(remaining):
                 return False
 
-    def _request(
-        self, seq: int, due: float, connection: Optional[Connection]
-    ) -> Optional[Connection]:
-        """Send request ``seq``; returns the connection to keep for the next one (reuse mode)."""
-        path = self.config.target.base_path + self.config.paths[seq % len(self.config.paths)]
+    def _request(self, seq: int, due: float, kept: KeptConnections) -> None:
+        """Send request ``seq`` to server ``seq % n``; in reuse mode keep its connection open."""
+        server = seq % len(self.config.targets)
+        target = self.config.targets[server]
+        template = self.config.paths[seq % len(self.config.paths)]
+        path = target.base_path + expand_path(template, target.port)
         record: Record = {
             "seq": seq,
             "pid": self.pid,
             "tid": threading.get_native_id(),
             "local_addr": None,
             "local_port": None,
-            "remote": self.config.target.remote,
+            "remote": target.remote,
             "method": "GET",
             "path": path,
             "status": None,
@@ -526,8 +599,9 @@ class LabClient:
         }
         with self._lock:
             self._in_flight[seq] = record
+        connection = kept.pop(server, None)
         try:
-            connection, status = self._exchange(record, connection)
+            connection, status = self._exchange(target, record, connection)
             record["status"] = status
         except (OSError, http.client.HTTPException, ValueError) as exc:
             record["error"] = one_line(exc)
@@ -535,18 +609,20 @@ class LabClient:
         record["end_mono"] = time.monotonic()
         record["end_wall"] = time.time()
         self._finish(record)
-        return connection if self.config.reuse else None
+        if connection is not None and self.config.reuse:
+            kept[server] = connection
 
     def _exchange(
-        self, record: Record, connection: Optional[Connection]
+        self, target: Target, record: Record, connection: Optional[Connection]
     ) -> Tuple[Optional[Connection], int]:
-        """GET the record's path and read the whole body: (connection to keep, status).
+        """GET the record's path from ``target`` and read the whole body.
 
-        Closes the connection on any failure, so the caller only has to forget it.
+        Returns (connection to keep, status). Closes the connection on any failure, so the
+        caller only has to forget it.
         """
         reused = connection is not None
         if connection is None:
-            connection = self._connect(record)
+            connection = self._connect(target, record)
         self._use(connection, record)
         try:
             return self._send(connection, record["path"])
@@ -558,7 +634,7 @@ class LabClient:
             connection.http.close()
             raise
         # The server closed an idle keep-alive connection under us: one retry on a fresh one.
-        connection = self._connect(record)
+        connection = self._connect(target, record)
         try:
             return self._send(connection, record["path"])
         except BaseException:
@@ -571,9 +647,8 @@ class LabClient:
         record["conn_id"] = connection.conn_id
         record["local_addr"], record["local_port"] = local[0], local[1]
 
-    def _connect(self, record: Record) -> Connection:
+    def _connect(self, target: Target, record: Record) -> Connection:
         """TCP connect (recording the local port first, so a failed handshake still has it)."""
-        target = self.config.target
         raw = socket.create_connection((target.host, target.port), timeout=self.config.timeout)
         with self._lock:
             self._connections += 1
@@ -676,37 +751,52 @@ class JsonLinesLog:
 # Readiness check
 
 
-def check_ready(target: Target, tls_context: ssl.SSLContext, timeout: float) -> int:
-    """Retry a bare TLS handshake (no HTTP) until one completes or ``timeout`` elapses."""
+def check_ready(targets: Sequence[Target], tls_context: ssl.SSLContext, timeout: float) -> int:
+    """Retry bare TLS handshakes (no HTTP) until every target completed one, within ``timeout``.
+
+    One deadline for all: the runner waits for the whole lab to be up, not for each server.
+    """
     deadline = time.monotonic() + timeout
-    last_error = "no attempt made"
-    while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
+    pending = list(targets)
+    last_error = {target: "no attempt made" for target in pending}
+    while pending:
+        for target in list(pending):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            try:
+                handshake(target, tls_context, min(remaining, 2.0))
+                pending.remove(target)
+            except ssl.SSLCertVerificationError as exc:
+                # Retrying cannot fix a certificate the CA does not vouch for.
+                print(
+                    "error: TLS handshake with {}: {}".format(target.remote, one_line(exc)),
+                    file=sys.stderr,
+                )
+                return EXIT_FAILED
+            except OSError as exc:
+                last_error[target] = one_line(exc)
+        if not pending or deadline - time.monotonic() <= 0:
             break
-        try:
-            raw = socket.create_connection((target.host, target.port), timeout=min(remaining, 2.0))
-            with raw, tls_context.wrap_socket(raw, server_hostname=target.host):
-                pass
-            print("ready", flush=True)
-            return EXIT_OK
-        except ssl.SSLCertVerificationError as exc:
-            # Retrying cannot fix a certificate the CA does not vouch for.
-            print(
-                "error: TLS handshake with {}: {}".format(target.remote, one_line(exc)),
-                file=sys.stderr,
-            )
-            return EXIT_FAILED
-        except OSError as exc:
-            last_error = one_line(exc)
         time.sleep(max(0.0, min(0.1, deadline - time.monotonic())))
+    if not pending:
+        print("ready", flush=True)
+        return EXIT_OK
     print(
-        "error: no TLS handshake with {} within {:g} s: {}".format(
-            target.remote, timeout, last_error
+        "error: no TLS handshake within {:g} s with {}".format(
+            timeout,
+            "; ".join("{}: {}".format(t.remote, last_error[t]) for t in pending),
         ),
         file=sys.stderr,
     )
     return EXIT_FAILED
+
+
+def handshake(target: Target, tls_context: ssl.SSLContext, timeout: float) -> None:
+    """One TCP connect and TLS handshake with ``target``, then close; OSError if it fails."""
+    raw = socket.create_connection((target.host, target.port), timeout=timeout)
+    with raw, tls_context.wrap_socket(raw, server_hostname=target.host):
+        pass
 
 
 # ---------------------------------------------------------------------------------------------
@@ -728,7 +818,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return EXIT_USAGE
     if config.check:
-        return check_ready(config.target, tls_context, config.timeout)
+        return check_ready(config.targets, tls_context, config.timeout)
     try:
         log = JsonLinesLog(config.log)
     except OSError as exc:
@@ -750,7 +840,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.close()
     if client.stop_signal is not None:
         client.say("Stopped by {}".format(client.stop_signal))
-    stats = summarize(client.records)
+    stats = summarize(client.records, [t.remote for t in config.targets])
     for line in format_summary(stats):
         client.say(line)
     return EXIT_OK if stats["failed"] == 0 else EXIT_FAILED

@@ -1,0 +1,152 @@
+"""The VM layer end to end: a real libvirt VM under software emulation (TCG), through Vagrant.
+
+Builds (or reuses) the local test box, creates the VM with the test provisioning profile, reaches
+it over plain SSH with the details Vagrant reports, provisions it again, checks that `up` on a
+running VM is quick, and destroys it. About 4-5 minutes from scratch (box build included), about
+2 minutes with the box cached. Needs root, Vagrant with vagrant-libvirt, libvirt, QEMU and
+debootstrap; set USMLAB_REQUIRE_VM_TESTS=1 (CI does) to fail instead of skipping without them.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from usmlab.vm import box, libvirt_host, vagrant
+from usmlab.vm.settings import VmSettings, load_settings
+
+pytestmark = [pytest.mark.slow, pytest.mark.root]
+
+TOOLS = ("vagrant", "virsh", "libvirtd", "virtlogd", "debootstrap", "qemu-img", "ssh")
+QEMU = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
+
+
+def _missing_requirements() -> list[str]:
+    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+    qemu = QEMU.get(box.host_debian_arch(), "qemu-system-" + box.host_debian_arch())
+    if shutil.which(qemu) is None:
+        missing.append(qemu)
+    if os.geteuid() != 0:
+        missing.append("root")
+    return missing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _requirements() -> None:
+    missing = _missing_requirements()
+    if missing and os.environ.get("USMLAB_REQUIRE_VM_TESTS") == "1":
+        pytest.fail(f"VM tests required but missing: {', '.join(missing)}")
+    if missing:
+        pytest.skip(f"VM tests need {', '.join(missing)}")
+
+
+def _say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+@dataclass
+class LabVm:
+    root: Path
+    settings: VmSettings
+    created: vagrant.UpResult
+
+
+@pytest.fixture(scope="module")
+def lab_vm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LabVm]:
+    started = libvirt_host.ensure_libvirt_daemons(_say)
+    root = tmp_path_factory.mktemp("usmlab-vm")
+    try:
+        test_box = box.build_test_box(progress=_say)
+        overrides = {**test_box.lab_settings(), "profile": "test", "cpus": 2, "memory": 1024}
+        settings = load_settings(root, {}, overrides)
+        created = vagrant.up(root, settings, progress=_say, cwd=root)
+        yield LabVm(root, settings, created)
+    finally:
+        try:
+            vagrant.destroy(root, progress=_say)
+        finally:
+            libvirt_host.stop_daemons(started)
+
+
+def _ssh(details: dict[str, object], command: str) -> subprocess.CompletedProcess[str]:
+    """Plain OpenSSH with what ssh_details reports: what any SSH transport would do."""
+    argv = [
+        "ssh",
+        "-o", "BatchMode=yes",
+        "-o", "StrictHostKeyChecking=no",
+        "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "IdentitiesOnly=yes",
+        "-o", "LogLevel=ERROR",
+        "-i", str(details["identity_file"]),
+        "-p", str(details["port"]),
+        f"{details['user']}@{details['host']}",
+        command,
+    ]  # fmt: skip
+    return subprocess.run(argv, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_up_creates_and_provisions_with_the_test_profile(lab_vm: LabVm) -> None:
+    result = lab_vm.created
+    assert (result.action, result.provisioned) == ("created", True)
+    lines = result.provision_lines
+    for step in ("build-tools", "clang", "kernel-headers", "go", "dda"):
+        assert f"[usmlab] skip {step} (test profile)" in lines
+    assert "[usmlab] bpftrace: already installed (bpftrace)" in lines
+    assert any(line.startswith("[usmlab] done: ") for line in lines)
+    assert vagrant.vm_exists(lab_vm.root)
+    assert vagrant.status(lab_vm.root) == "running"
+
+
+def test_ssh_details_reach_the_vm_on_loopback(lab_vm: LabVm) -> None:
+    details = vagrant.ssh_details(lab_vm.root)
+    assert details["host"] == "127.0.0.1"
+    assert details["user"] == "vagrant"
+    assert Path(str(details["identity_file"])).is_file()
+    done = _ssh(
+        details,
+        "uname -a && python3 --version && command -v bpftrace && test -e /sys/kernel/btf/vmlinux",
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("Linux ")
+    assert "Python 3" in done.stdout
+    assert "/bpftrace" in done.stdout
+
+
+def test_provisioning_again_changes_only_what_drifted(lab_vm: LabVm) -> None:
+    details = vagrant.ssh_details(lab_vm.root)
+    unmount = _ssh(details, "sudo umount /sys/kernel/tracing")
+    assert unmount.returncode == 0, unmount.stderr
+
+    repaired = vagrant.provision(lab_vm.root, lab_vm.settings, progress=_say, cwd=lab_vm.root)
+    assert "[usmlab] tracefs: mounted at /sys/kernel/tracing" in repaired.provision_lines
+    assert "[usmlab] done: 1 changed, 3 already in place, 5 skipped" in repaired.provision_lines
+
+    started = time.monotonic()
+    again = vagrant.provision(lab_vm.root, lab_vm.settings, progress=_say, cwd=lab_vm.root)
+    seconds = time.monotonic() - started
+    assert "[usmlab] tracefs: already mounted at /sys/kernel/tracing" in again.provision_lines
+    assert "[usmlab] done: 0 changed, 4 already in place, 5 skipped" in again.provision_lines
+    assert seconds < 30, f"second provisioning took {seconds:.0f}s"
+
+
+def test_up_on_a_running_provisioned_vm_is_quick(lab_vm: LabVm) -> None:
+    started = time.monotonic()
+    result = vagrant.up(lab_vm.root, lab_vm.settings, progress=_say, cwd=lab_vm.root)
+    seconds = time.monotonic() - started
+    assert result.action == "already-running"
+    assert not result.provisioned
+    assert seconds <= 15, f"up on a running VM took {seconds:.1f}s"
+
+
+def test_destroy_removes_the_vm(lab_vm: LabVm) -> None:
+    vagrant.destroy(lab_vm.root, progress=_say)
+    assert not vagrant.vm_exists(lab_vm.root)
+    assert vagrant.status(lab_vm.root) == "not_created"

@@ -1,0 +1,338 @@
+"""Fast checks of the VM layer that need no VM: the Vagrantfile, provisioning scripts, settings."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from usmlab.errors import UsageError
+from usmlab.vm import box, vagrant
+from usmlab.vm.provision import read_go_version, render_provision
+from usmlab.vm.settings import PROVIDERS, VmSettings, load_settings, write_default_toml
+
+NEEDS_VAGRANT = pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
+NEEDS_SHELLCHECK = pytest.mark.skipif(
+    shutil.which("shellcheck") is None, reason="shellcheck not installed"
+)
+
+
+def lab_overrides(tmp_path: Path) -> dict[str, object]:
+    """Lab-mode settings pointing at stand-in kernel/initrd files (validate never boots them)."""
+    kernel, initrd = tmp_path / "vmlinuz", tmp_path / "initrd.img"
+    kernel.write_bytes(b"kernel")
+    initrd.write_bytes(b"initrd")
+    return {
+        "provider": "libvirt",
+        "box": "usmlab-test-000000000000",
+        "box_url": (tmp_path / "usmlab-test.box").as_uri(),
+        "box_architecture": "",
+        "hostname": "",
+        "lab_mode": True,
+        "lab_kernel": str(kernel),
+        "lab_initrd": str(initrd),
+        "lab_cmdline": box.KERNEL_CMDLINE,
+        "lab_ssh_port": 42222,
+        "lab_udp_port": 42300,
+        "profile": "test",
+    }
+
+
+def validate(root: Path, provider: str) -> subprocess.CompletedProcess[str]:
+    """`vagrant validate` in root; only libvirt is installed here, so the other providers'
+    blocks are checked with --ignore-provider (Vagrant refuses a provider it does not have)."""
+    env = {
+        **os.environ,
+        "USMLAB_VM_SETTINGS": str(root / ".usmlab" / "vm.json"),
+        "VAGRANT_CHECKPOINT_DISABLE": "1",
+        "VAGRANT_DEFAULT_PROVIDER": "libvirt",
+    }
+    argv = ["vagrant", "validate"] if provider == "libvirt" else ["vagrant", "validate", "-p"]
+    return subprocess.run(argv, cwd=root, env=env, capture_output=True, text=True, timeout=120)
+
+
+# ------------------------------------------------------------------ Vagrantfile
+
+
+@NEEDS_VAGRANT
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_vagrantfile_validates_for_each_provider(tmp_path: Path, provider: str) -> None:
+    checkout = tmp_path / "datadog-agent"
+    checkout.mkdir()
+    (checkout / ".go-version").write_text("1.23.4\n")
+    settings = load_settings(
+        tmp_path,
+        {},
+        {"provider": provider, "agent_path": str(checkout), "agent_sync_type": "rsync"},
+    )
+    root = tmp_path / "vm"
+    vagrant.prepare(root, settings, cwd=tmp_path)
+    done = validate(root, provider)
+    assert done.returncode == 0, done.stderr + done.stdout
+    assert "validated successfully" in done.stdout
+
+
+@NEEDS_VAGRANT
+def test_vagrantfile_validates_lab_mode_with_libvirt_options(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, {}, lab_overrides(tmp_path))
+    root = tmp_path / "vm"
+    vagrant.prepare(root, settings, cwd=tmp_path)
+    done = validate(root, "libvirt")
+    assert done.returncode == 0, done.stderr + done.stdout
+    lab = json.loads((root / ".usmlab" / "vm.json").read_text())["lab"]
+    assert lab["ssh_port"] == 42222 and lab["udp_port"] == 42300
+
+
+@NEEDS_VAGRANT
+def test_vagrantfile_rejects_a_broken_settings_file(tmp_path: Path) -> None:
+    """validate must be able to fail, or the tests above prove nothing."""
+    settings = load_settings(tmp_path, {}, lab_overrides(tmp_path))
+    root = tmp_path / "vm"
+    vagrant.prepare(root, settings, cwd=tmp_path)
+    config_path = root / ".usmlab" / "vm.json"
+    config = json.loads(config_path.read_text())
+    del config["lab"]["kernel"]
+    config_path.write_text(json.dumps(config))
+    done = validate(root, "libvirt")
+    assert done.returncode != 0
+    assert "kernel" in done.stderr + done.stdout
+
+
+@NEEDS_VAGRANT
+def test_vagrantfile_without_settings_file_gives_the_defaults(tmp_path: Path) -> None:
+    shutil.copyfile(vagrant.VAGRANTFILE, tmp_path / "Vagrantfile")
+    done = validate(tmp_path, "libvirt")
+    assert done.returncode == 0, done.stderr + done.stdout
+
+
+def test_prepare_refuses_to_replace_a_foreign_vagrantfile(tmp_path: Path) -> None:
+    (tmp_path / "Vagrantfile").write_text('Vagrant.configure("2") { |c| c.vm.box = "mine" }\n')
+    settings = load_settings(tmp_path, {}, {"profile": "test"})
+    with pytest.raises(vagrant.VagrantError, match="not the usmlab Vagrantfile"):
+        vagrant.prepare(tmp_path, settings, cwd=tmp_path)
+    assert "mine" in (tmp_path / "Vagrantfile").read_text()
+
+
+def test_prepare_writes_settings_and_script_for_the_vagrantfile(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, {}, {"cpus": 3, "memory": 2048, "profile": "test"})
+    script = vagrant.prepare(tmp_path / "vm", settings, cwd=tmp_path)
+    config = json.loads((tmp_path / "vm" / ".usmlab" / "vm.json").read_text())
+    assert (config["cpus"], config["memory"], config["agent_path"]) == (3, 2048, "")
+    assert "lab" not in config
+    [provisioner] = config["provision"]
+    assert Path(provisioner["path"]).read_text() == script.text
+    assert (tmp_path / "vm" / "Vagrantfile").read_text() == vagrant.VAGRANTFILE.read_text()
+
+
+# ------------------------------------------------------------------ provisioning scripts
+
+SCRIPT_VARIANTS = [
+    {"profile": "test"},
+    {"profile": "full"},
+    {"profile": "full", "go_version": "1.23.4", "dda_version": "0.24.0", "clang_version": "18"},
+]
+
+
+@pytest.mark.parametrize("overrides", SCRIPT_VARIANTS)
+def test_rendered_scripts_are_valid_bash(tmp_path: Path, overrides: dict[str, str]) -> None:
+    script = render_provision(load_settings(tmp_path, {}, overrides), tmp_path)
+    path = tmp_path / script.name
+    path.write_text(script.text)
+    done = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+
+
+@NEEDS_SHELLCHECK
+@pytest.mark.parametrize("overrides", SCRIPT_VARIANTS)
+def test_rendered_scripts_pass_shellcheck(tmp_path: Path, overrides: dict[str, str]) -> None:
+    script = render_provision(load_settings(tmp_path, {}, overrides), tmp_path)
+    path = tmp_path / script.name
+    path.write_text(script.text)
+    done = subprocess.run(["shellcheck", str(path)], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stdout
+
+
+def test_go_version_comes_from_the_agent_checkout(tmp_path: Path) -> None:
+    checkout = tmp_path / "datadog-agent"
+    checkout.mkdir()
+    (checkout / ".go-version").write_text("1.24.6\n")
+    settings = load_settings(tmp_path, {}, {"agent_path": "datadog-agent"})
+    text = render_provision(settings, tmp_path).text
+    assert "GO_VERSION='1.24.6'\n" in text
+    assert "AGENT_DIR='/git/datadog-agent'\n" in text
+    pinned = load_settings(tmp_path, {}, {"agent_path": "datadog-agent", "go_version": "1.22.1"})
+    assert "GO_VERSION='1.22.1'\n" in render_provision(pinned, tmp_path).text
+
+
+def test_bad_go_version_file_is_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / ".go-version").write_text("latest; rm -rf /\n")
+    with pytest.raises(UsageError, match="not a Go version"):
+        read_go_version(tmp_path)
+    with pytest.raises(UsageError, match=r"\.go-version not found"):
+        read_go_version(tmp_path / "missing")
+
+
+def test_test_profile_names_every_heavy_step_it_skips(tmp_path: Path) -> None:
+    text = render_provision(load_settings(tmp_path, {}, {"profile": "test"}), tmp_path).text
+    for step in ("go", "clang", "dda", "kernel-headers", "build-tools"):
+        assert f"heavy {step} || return 0" in text
+
+
+def test_provision_script_changes_with_its_inputs(tmp_path: Path) -> None:
+    test = render_provision(load_settings(tmp_path, {}, {"profile": "test"}), tmp_path)
+    full = render_provision(load_settings(tmp_path, {}, {"profile": "full"}), tmp_path)
+    again = render_provision(load_settings(tmp_path, {}, {"profile": "test"}), tmp_path)
+    assert test.sha256 == again.sha256
+    assert test.sha256 != full.sha256
+
+
+# ------------------------------------------------------------------ settings layering
+
+
+def test_defaults_are_the_lab_defaults(tmp_path: Path) -> None:
+    settings = load_settings(tmp_path, {}, None)
+    assert (settings.box, settings.box_architecture) == ("bento/ubuntu-24.04", "arm64")
+    assert settings.sources == {}
+
+
+def test_toml_then_environment_then_flags(tmp_path: Path) -> None:
+    (tmp_path / "usmlab.toml").write_text(
+        '[vm]\nbox = "bento/ubuntu-22.04"\ncpus = 2\nmemory = 4096\nprovider = "parallels"\n'
+    )
+    env = {"USMLAB_VM_CPUS": "6", "USMLAB_VM_MEMORY": "6144", "HOME": "/root"}
+    settings = load_settings(tmp_path, env, {"memory": 16384, "provider": None})
+    assert settings.box == "bento/ubuntu-22.04"  # toml only
+    assert settings.provider == "parallels"  # flag not given (None) keeps the toml value
+    assert settings.cpus == 6  # env beats toml
+    assert settings.memory == 16384  # flag beats env
+    assert settings.sources["box"].endswith("usmlab.toml")
+    assert settings.sources["cpus"] == "USMLAB_VM_CPUS"
+    assert settings.sources["memory"] == "flag"
+    assert "cpus = 6 (USMLAB_VM_CPUS)" in settings.describe()
+
+
+def test_environment_booleans_and_numbers_are_parsed(tmp_path: Path) -> None:
+    settings = load_settings(
+        tmp_path, {"USMLAB_VM_LAB_SSH_PORT": " 2222 ", "USMLAB_VM_SETTINGS": "/x/vm.json"}, {}
+    )
+    assert settings.lab_ssh_port == 2222
+    with pytest.raises(UsageError, match="USMLAB_VM_CPUS: expected a whole number"):
+        load_settings(tmp_path, {"USMLAB_VM_CPUS": "four"}, {})
+    with pytest.raises(UsageError, match="expected true or false"):
+        load_settings(tmp_path, {"USMLAB_VM_LAB_MODE": "maybe"}, {})
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[vm]\ncpu = 2\n", "unknown key vm.cpu"),
+        ("[vm]\nprovider = 'hyperv'\n", "unknown provider 'hyperv'"),
+        ("[vm]\nbox_architecture = 'i386'\n", "unknown box architecture"),
+        ("[vm]\nmemory = 128\n", "memory is in MB"),
+        ("[vm]\ncpus = 0\n", "cpus must be at least 1"),
+        ("[vm\n", "not valid TOML"),
+        ("[vm]\nagent_path = 'nowhere'\n", "is not a directory"),
+        ("[vm]\nlab_mode = true\nprovider = 'libvirt'\n", "lab_mode needs lab_kernel"),
+    ],
+)
+def test_bad_settings_are_one_line_errors(tmp_path: Path, toml: str, message: str) -> None:
+    (tmp_path / "usmlab.toml").write_text(toml)
+    with pytest.raises(UsageError, match=message) as caught:
+        load_settings(tmp_path, {}, {})
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_environment_setting_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="USMLAB_VM_BOXX: unknown VM setting"):
+        load_settings(tmp_path, {"USMLAB_VM_BOXX": "x"}, {})
+
+
+def test_default_toml_round_trips_to_the_defaults(tmp_path: Path) -> None:
+    path = write_default_toml(tmp_path / "usmlab.toml")
+    loaded = load_settings(tmp_path, {}, {})
+    assert loaded == VmSettings()
+    assert set(loaded.sources) >= {"box", "provider", "cpus", "memory", "profile"}
+    with pytest.raises(UsageError, match="already exists"):
+        write_default_toml(path)
+
+
+# ------------------------------------------------------------------ Vagrant output handling
+
+
+def test_ssh_details_keep_every_identity_file(tmp_path: Path) -> None:
+    inserted = tmp_path / "private_key"
+    inserted.write_text("key")
+    text = (
+        "Host default\n"
+        "  HostName 127.0.0.1\n"
+        "  User vagrant\n"
+        "  Port 42222\n"
+        "  UserKnownHostsFile /dev/null\n"
+        "  IdentityFile /nonexistent/insecure_private_key\n"
+        f'  IdentityFile "{inserted}"\n'
+        "  IdentitiesOnly yes\n"
+    )
+    details = vagrant.parse_ssh_config(text)
+    assert details["host"] == "127.0.0.1"
+    assert details["port"] == 42222
+    assert details["user"] == "vagrant"
+    assert details["identity_file"] == str(inserted)  # the first one that exists
+    assert details["identity_files"] == ["/nonexistent/insecure_private_key", str(inserted)]
+
+
+def test_ssh_config_without_a_host_is_an_error() -> None:
+    with pytest.raises(vagrant.VagrantError, match="no hostname"):
+        vagrant.parse_ssh_config("Host default\n  User vagrant\n  Port 22\n")
+
+
+def test_stderr_summary_is_the_first_sentence() -> None:
+    timeout = (
+        "Timed out while waiting for the machine to boot. This means that\n"
+        "Vagrant was unable to communicate with the guest machine within\n"
+        "the configured time period.\n\nIf you look above, you should be able to see\n"
+    )
+    assert vagrant.summarize_stderr(timeout) == "Timed out while waiting for the machine to boot."
+    ruby = (
+        "/usr/lib/ruby/vendor_ruby/fog/libvirt/requests/compute/vm_action.rb:7:in `create': "
+        "Call to virDomainCreateWithFlags failed: internal error: Unknown CPU model max "
+        "(Libvirt::Error)\n"
+        "\tfrom /usr/lib/ruby/vendor_ruby/fog/libvirt/requests/compute/vm_action.rb:7:in `x'\n"
+    )
+    assert vagrant.summarize_stderr(ruby).startswith("Call to virDomainCreateWithFlags failed")
+    assert vagrant.readable_stderr(ruby) == [vagrant.summarize_stderr(ruby)]
+
+
+def test_upload_progress_bar_collapses_to_its_last_value() -> None:
+    raw = "\x1b[KProgress: 0%\r\x1b[KProgress: 57%\r\x1b[KProgress: 100%\x1b[K==> default: Next\n"
+    assert vagrant._readable(raw) == ["Progress: 100%", "==> default: Next"]
+    assert vagrant._readable("    default: [usmlab] go 1.23.4: installed\n") == [
+        "    default: [usmlab] go 1.23.4: installed"
+    ]
+
+
+# ------------------------------------------------------------------ test box recipe
+
+
+def test_apt_mirror_is_read_from_deb822_and_one_line_sources(tmp_path: Path) -> None:
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(
+        "Types: deb\nURIs: http://mirror.example/debian-security\nSuites: bookworm-security\n\n"
+        "Types: deb\nURIs: http://mirror.example/debian/\nSuites: bookworm\n"
+    )
+    assert box.apt_mirror(tmp_path) == "http://mirror.example/debian"
+    (tmp_path / "sources.list").write_text(
+        "deb [arch=amd64] http://other.example/debian bookworm main\n"
+    )
+    assert box.apt_mirror(tmp_path) == "http://other.example/debian"
+    assert box.apt_mirror(tmp_path / "missing") == box.DEFAULT_MIRROR
+
+
+def test_box_cache_key_follows_the_recipe() -> None:
+    spec = box.recipe("amd64", "ssh-rsa AAAA test")
+    assert box.recipe_key(spec) == box.recipe_key(box.recipe("amd64", "ssh-rsa AAAA test"))
+    assert box.recipe_key(spec) != box.recipe_key(box.recipe("arm64", "ssh-rsa AAAA test"))
+    assert "linux-image-arm64" in box.recipe("arm64", "k")["packages"]  # type: ignore[operator]

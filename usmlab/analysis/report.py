@@ -1,0 +1,434 @@
+"""The analysis entry points and their outputs: report.json, report.md and a terminal table.
+
+`analyze_run` judges a run folder; `analyze_capture` judges a trace brought from elsewhere, with
+roles given as `ROLE=PID` and threads from `ps -eLo pid,tid,comm` or threads.jsonl. The schema
+of report.json is documented in docs/report-schema.md.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from usmlab.analysis.errors import AnalysisError
+from usmlab.analysis.runfiles import (
+    add_manifest_processes,
+    add_workload_threads,
+    read_client_log,
+    read_manifest,
+    read_server_log,
+    read_thread_source,
+    read_threads_jsonl,
+    tracer_errors,
+)
+from usmlab.analysis.threads import ThreadMap
+from usmlab.analysis.verdict import LabContext, Verdict, correlate
+from usmlab.analysis.verdict import exit_status as _outcome_status
+
+SCHEMA_VERSION = 1
+_ROLE_TIDS_CAP = 200
+
+
+@dataclass
+class Report:
+    """Everything report.json holds (docs/report-schema.md)."""
+
+    outcome: str
+    requests: dict[str, int]
+    foreign: list[dict[str, Any]]
+    roles: dict[str, dict[str, Any]]
+    lost_events: int
+    unparsed_lines: int
+    tracer: str | None
+    trace_clock: str | None
+    trace_lines: int
+    message_counts: dict[str, int]
+    unmatched_captures: list[dict[str, Any]]
+    unmatched_captures_count: int
+    events_by_process: dict[str, dict[str, Any]]
+    hints: list[str]
+    misattributed_requests: list[dict[str, Any]]
+    missed_requests: list[int]
+    trace: dict[str, Any]
+    clock: dict[str, Any]
+    source: dict[str, Any]
+    lab_traffic_unmatched: int = 0
+    server_records_unmatched: int = 0
+    schema_version: int = SCHEMA_VERSION
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, keys in a readable order."""
+        return asdict(self)
+
+
+def exit_status(report: Report | str) -> int:
+    """The exit status for a report (or an outcome): 0 works/untraced, 1 misattribution,
+    3 no captures."""
+    return _outcome_status(report if isinstance(report, str) else report.outcome)
+
+
+def _roles(threads: ThreadMap) -> dict[str, dict[str, Any]]:
+    roles: dict[str, dict[str, Any]] = {}
+    for proc in sorted(threads.processes(), key=lambda p: p.pid):
+        if not proc.lab:
+            continue
+        name = proc.name or f"{proc.role}-{proc.pid}"
+        if name in roles:
+            name = f"{name}-{proc.pid}"
+        roles[name] = {
+            "pid": proc.pid,
+            "role": proc.role,
+            "tids": sorted(proc.tids)[:_ROLE_TIDS_CAP],
+            **({"port": proc.port} if proc.port is not None else {}),
+        }
+    return roles
+
+
+def _build(verdict: Verdict, ctx: LabContext, source: dict[str, Any]) -> Report:
+    stats = verdict.stats
+    return Report(
+        outcome=verdict.outcome,
+        requests=verdict.requests,
+        foreign=verdict.foreign,
+        roles=_roles(ctx.threads),
+        lost_events=stats.lost_events,
+        unparsed_lines=stats.unparsed_lines,
+        tracer=ctx.tracer,
+        trace_clock=ctx.trace_clock,
+        trace_lines=stats.lines,
+        message_counts=verdict.message_counts,
+        unmatched_captures=verdict.unmatched_captures,
+        unmatched_captures_count=verdict.unmatched_captures_count,
+        events_by_process=verdict.events_by_process,
+        hints=verdict.hints,
+        misattributed_requests=verdict.misattributed_requests,
+        missed_requests=verdict.missed_requests,
+        trace={
+            "lines": stats.lines,
+            "records": stats.records,
+            "continuation_lines": stats.continuation_lines,
+            "lost_lines": stats.lost_lines,
+            "lost_by_cpu": {str(k): v for k, v in sorted(stats.lost_by_cpu.items())},
+            "unparsed_lines": stats.unparsed_lines,
+            "empty_lines": stats.empty_lines,
+            "first_ts": verdict.first_ts,
+            "last_ts": verdict.last_ts,
+        },
+        clock={"offset": verdict.clock_offset, "source": verdict.clock_offset_source},
+        source=source,
+        lab_traffic_unmatched=verdict.lab_traffic_unmatched,
+        server_records_unmatched=verdict.server_records_unmatched,
+    )
+
+
+def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
+    """Judge a run folder (docs/formats.md). Every input is optional except that a folder
+    must exist; corrupt inputs raise AnalysisError with a one-line message."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise AnalysisError(f"{run_dir}: no such run folder")
+    manifest = read_manifest(run_dir / "manifest.json")
+    threads = ThreadMap()
+    add_manifest_processes(threads, manifest)
+    if (run_dir / "threads.jsonl").exists():
+        read_threads_jsonl(threads, run_dir / "threads.jsonl")
+    client_logs = workload_logs(run_dir, manifest, "client")
+    server_logs = workload_logs(run_dir, manifest, "server")
+    requests = [r for path in client_logs for r in read_client_log(path)]
+    requests.sort(key=lambda r: (r.start, r.seq))
+    records = [r for path in server_logs for r in read_server_log(path)]
+    add_workload_threads(threads, requests, records)
+    # Requests that started before the tracer attached (the `preexisting` scenario) could
+    # not be seen by it: judged apart, not counted as missed.
+    attached = manifest.get("tracer_attached_mono")
+    before_attach = 0
+    if isinstance(attached, int | float) and manifest.get("trace_clock") == "mono":
+        kept = [r for r in requests if r.start >= attached]
+        before_attach = len(requests) - len(kept)
+        requests = kept
+    tracer = manifest.get("tracer") if isinstance(manifest.get("tracer"), str) else None
+    clock = manifest.get("trace_clock") if isinstance(manifest.get("trace_clock"), str) else None
+    ctx = LabContext(
+        requests=requests,
+        server_records=records,
+        threads=threads,
+        trace_clock=clock,
+        tracer=tracer,
+        tracer_errors=tracer_errors(run_dir / "tracer.log"),
+        has_client_log=bool(client_logs),
+    )
+    trace = run_dir / "trace_pipe.log"
+    verdict = correlate(ctx, trace if trace.exists() else None, workers)
+    if before_attach:
+        verdict.requests["before_attach"] = before_attach
+    if not trace.exists() and tracer != "none":
+        verdict.hints.insert(0, "no trace_pipe.log in the run folder: the capture did not run")
+    source = {
+        "run_dir": str(run_dir),
+        "run_id": manifest.get("run_id"),
+        "scenario": manifest.get("scenario"),
+        "target": manifest.get("target"),
+        "status": manifest.get("status"),
+    }
+    return _build(verdict, ctx, source)
+
+
+def workload_logs(run_dir: Path, manifest: dict[str, Any], role: str) -> list[Path]:
+    """The JSON-lines logs of every process of a role: `<name>.jsonl` for each process the
+    manifest lists (respawned and extra processes included), else `<role>*.jsonl`."""
+    names = [
+        p.get("name")
+        for p in manifest.get("processes") or []
+        if isinstance(p, dict) and p.get("role") == role and isinstance(p.get("name"), str)
+    ]
+    paths = [run_dir / f"{name}.jsonl" for name in dict.fromkeys(names)]
+    found = [p for p in paths if p.is_file()]
+    return found or sorted(run_dir.glob(f"{role}*.jsonl"))
+
+
+def parse_role_pairs(pairs: list[str]) -> dict[str, list[int]]:
+    """`ROLE=PID` command-line pairs (`client=123`, `server-9443=456`) into name -> pids."""
+    roles: dict[str, list[int]] = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        name = name.strip()
+        if not sep or not name or not value.strip().isdigit() or int(value) <= 0:
+            raise AnalysisError(f"bad role {pair!r}: expected ROLE=PID, e.g. client=1234")
+        roles.setdefault(name, []).append(int(value))
+    return roles
+
+
+def analyze_capture(
+    trace: Path,
+    roles: dict[str, list[int]],
+    threads_file: Path | None = None,
+    client_log: Path | None = None,
+    server_log: Path | None = None,
+    workers: int | None = None,
+) -> Report:
+    """Judge a raw trace_pipe capture from elsewhere. `roles` maps lab process names to pids
+    (client*, server*); `threads_file` is threads.jsonl or `ps -eLo pid,tid,comm` output; the
+    trace clock is unknown, so with a client log the offset to its monotonic times is estimated."""
+    trace = Path(trace)
+    if not trace.is_file():
+        raise AnalysisError(f"{trace}: no such trace file")
+    for name, pids in roles.items():
+        if not name or any(not isinstance(p, int) or p <= 0 for p in pids):
+            raise AnalysisError(f"bad role {name!r}: pids must be positive integers")
+    for optional in (threads_file, client_log, server_log):
+        if optional is not None and not Path(optional).is_file():
+            raise AnalysisError(f"{optional}: no such file")
+    threads = ThreadMap()
+    if threads_file is not None:
+        read_thread_source(threads, Path(threads_file))
+    threads.add_roles(roles)
+    requests = read_client_log(Path(client_log)) if client_log is not None else []
+    records = read_server_log(Path(server_log)) if server_log is not None else []
+    add_workload_threads(threads, requests, records)
+    ctx = LabContext(
+        requests=requests,
+        server_records=records,
+        threads=threads,
+        trace_clock=None,
+        tracer=None,
+        has_client_log=client_log is not None,
+    )
+    verdict = correlate(ctx, trace, workers)
+    source = {
+        "trace": str(trace),
+        "threads_file": str(threads_file) if threads_file else None,
+        "client_log": str(client_log) if client_log else None,
+    }
+    return _build(verdict, ctx, source)
+
+
+# -- outputs ------------------------------------------------------------------------------------
+
+_OUTCOME_TEXT = {
+    "capture-works": "capture works: requests were attributed to the client",
+    "misattribution": "MISATTRIBUTION: requests were attributed to another process",
+    "no-captures": "no captures: the tracer recorded none of the lab's requests",
+    "untraced": "untraced: this run had no tracer (by design)",
+}
+
+
+def _foreign_text(entry: dict[str, Any]) -> str:
+    pid = entry.get("pid")
+    who = f"pid {pid}" if pid is not None else f"unknown pid (tid {entry.get('tid')})"
+    return f"{who} {entry.get('comm')!s} ({entry.get('captures')} captures)"
+
+
+def render_table(report: Report) -> str:
+    """A short plain-text summary for the terminal (at most ~15 lines)."""
+    r = report.requests
+    lines = [
+        f"verdict          {report.outcome}",
+        f"requests sent    {r.get('sent', 0)}",
+        f"  in client      {r.get('captured_client', 0)}",
+        f"  in server      {r.get('captured_server', 0)}",
+        f"  misattributed  {r.get('misattributed', 0)}",
+        f"  missed         {r.get('missed', 0)}",
+    ]
+    if r.get("before_attach"):
+        lines.append(f"  before attach  {r['before_attach']} (not judged: no tracer yet)")
+    for port, row in sorted((r.get("per_server") or {}).items()):
+        lines.append(
+            f"  server :{port:<6} sent {row['sent']}, in client {row['captured_client']}, "
+            f"misattributed {row['misattributed']}, missed {row['missed']}"
+        )
+    if report.misattributed_requests:
+        first = report.misattributed_requests[0]
+        lines.append(
+            f"  first wrong    seq {first['seq']} {first['path']} -> pid {first['pid']} "
+            f"tid {first['tid']} {first['comm']}"
+        )
+    if report.foreign:
+        shown = ", ".join(_foreign_text(f) for f in report.foreign[:3])
+        more = f" (+{len(report.foreign) - 3} more)" if len(report.foreign) > 3 else ""
+        lines.append(f"foreign          {shown}{more}")
+    others = [
+        f"{key} {entry.get('comm') or '<...>'}"
+        for key, entry in report.events_by_process.items()
+        if entry.get("other")
+    ]
+    if others:
+        more = f" (+{len(others) - 3} more)" if len(others) > 3 else ""
+        lines.append(f"other HTTP in    {', '.join(others[:3])}{more}")
+    lines.append(f"trace lines      {report.trace_lines}")
+    lines.append(f"lost events      {report.lost_events}")
+    lines.append(f"unparsed lines   {report.unparsed_lines}")
+    for hint in report.hints[:2]:
+        lines.append(f"hint: {hint}")
+    return "\n".join(lines)
+
+
+def _md_table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    def cell(value: Any) -> str:
+        return str(value).replace("|", "\\|").replace("\n", " ")
+
+    out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    out += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return out
+
+
+def render_markdown(report: Report) -> str:
+    """report.md: the verdict for a human, with the evidence behind it."""
+    r = report.requests
+    src = report.source
+    title = src.get("run_id") or src.get("trace") or src.get("run_dir") or "capture"
+    out = [
+        f"# usmlab report: {title}",
+        "",
+        f"**Verdict: {report.outcome}** - {_OUTCOME_TEXT.get(report.outcome, '')}",
+        "",
+        f"Tracer: {report.tracer or 'unknown'}; trace clock: {report.trace_clock or 'unknown'} "
+        f"(offset {report.clock.get('offset')} s, {report.clock.get('source')}).",
+        "",
+        "## Requests",
+        "",
+        *_md_table(
+            [
+                "sent",
+                "captured in client",
+                "captured in server",
+                "misattributed",
+                "missed",
+                "failed",
+            ],
+            [
+                [
+                    r.get("sent", 0),
+                    r.get("captured_client", 0),
+                    r.get("captured_server", 0),
+                    r.get("misattributed", 0),
+                    r.get("missed", 0),
+                    r.get("failed", 0),
+                ]
+            ],
+        ),
+        "",
+    ]
+    if report.misattributed_requests:
+        out += ["## Misattributed requests", ""]
+        out += _md_table(
+            ["seq", "path", "pid", "tid", "comm", "reason"],
+            [
+                [m["seq"], m["path"], m["pid"], m["tid"], m["comm"], m["reason"]]
+                for m in report.misattributed_requests
+            ],
+        )
+        out.append("")
+    if report.foreign:
+        out += ["## Foreign processes (outside the lab, with lab paths)", ""]
+        out += _md_table(
+            ["pid", "tid", "comm", "captures", "paths"],
+            [
+                [f["pid"], f["tid"], f["comm"], f["captures"], ", ".join(f["paths"])]
+                for f in report.foreign
+            ],
+        )
+        out.append("")
+    if report.missed_requests:
+        shown = ", ".join(str(s) for s in report.missed_requests[:50])
+        out += [f"## Missed requests ({r.get('missed', 0)})", "", f"seq: {shown}", ""]
+    if report.unmatched_captures_count:
+        out += [f"## Captures matching no request ({report.unmatched_captures_count})", ""]
+        out += _md_table(
+            ["ts", "pid", "tid", "comm", "path"],
+            [
+                [u["ts"], u["pid"], u["tid"], u["comm"], u["path"]]
+                for u in report.unmatched_captures
+            ],
+        )
+        out.append("")
+    if report.events_by_process:
+        out += ["## HTTP events by process", ""]
+        out += _md_table(
+            ["process", "name", "role", "comm", "events", "neither client nor server"],
+            [
+                [
+                    key,
+                    e["name"] or "",
+                    e["role"] or "",
+                    e["comm"] or "",
+                    ", ".join(f"{k}={v}" for k, v in e["counts"].items()),
+                    "yes" if e["other"] else "",
+                ]
+                for key, e in report.events_by_process.items()
+            ],
+        )
+        out.append("")
+    if report.roles:
+        out += ["## Lab processes", ""]
+        out += _md_table(
+            ["name", "pid", "role", "threads"],
+            [[name, v["pid"], v["role"], len(v["tids"])] for name, v in report.roles.items()],
+        )
+        out.append("")
+    t = report.trace
+    out += [
+        "## Trace",
+        "",
+        f"{t['lines']} lines, {t['records']} records, {t['continuation_lines']} continuation "
+        f"lines, {report.lost_events} lost events, {report.unparsed_lines} unparsed lines.",
+        "",
+    ]
+    if report.message_counts:
+        out += _md_table(["kind", "count"], [[k, v] for k, v in report.message_counts.items()])
+        out.append("")
+    if report.hints:
+        out += ["## Hints", ""] + [f"- {h}" for h in report.hints] + [""]
+    return "\n".join(out)
+
+
+def write_report(report: Report, out_dir: Path) -> tuple[Path, Path]:
+    """Write report.json and report.md into `out_dir`; returns their paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    json_path = out_dir / "report.json"
+    md_path = out_dir / "report.md"
+    json_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    md_path.write_text(render_markdown(report), encoding="utf-8")
+    return json_path, md_path

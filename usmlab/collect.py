@@ -1,0 +1,58 @@
+"""`usmlab collect RUN`: fetch a remote run's files after the connection dropped.
+
+The run's manifest says where it ran and where its files are on the target. Collection is
+resumable (files already here with the right sha256 are skipped) and verified (every file's
+sha256 computed on the target must match the local copy). The verdict is then recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from usmlab.analysis.report import Report, analyze_run, write_report
+from usmlab.errors import UsageError
+from usmlab.leftovers import clean_target
+from usmlab.rundir import file_inventory, now_iso, read_manifest, write_manifest
+from usmlab.targets import open_target
+
+
+@dataclass
+class Collected:
+    run_dir: Path
+    fetched: list[str]
+    manifest: dict[str, Any]
+    report: Report | None
+
+
+def collect_run(
+    run_dir: Path, identity: Path | None = None, work_dir: str | None = None
+) -> Collected:
+    try:
+        manifest = read_manifest(run_dir)
+    except (OSError, ValueError):
+        raise UsageError(f"{run_dir} is not a run folder (no readable manifest.json)") from None
+    where = manifest.get("target") or {}
+    spec, remote_dir = where.get("spec"), where.get("run_dir")
+    if not spec or not remote_dir:
+        raise UsageError(f"{run_dir}: the manifest does not say where the run's files are")
+    key = identity or (Path(where["identity"]) if where.get("identity") else None)
+    target = open_target(spec, key, work_dir or where.get("work_dir"))
+    try:
+        fetched = target.fetch_dir(remote_dir, run_dir.resolve())
+        # A run cut off mid-way could not restore tracefs or end its processes itself.
+        clean_target(target, run_id=manifest.get("run_id"))
+    finally:
+        with contextlib.suppress(Exception):
+            target.close()
+    manifest["collected"] = now_iso()
+    report = None
+    if (run_dir / "client.jsonl").exists():
+        report = analyze_run(run_dir)
+        write_report(report, run_dir)
+        manifest["outcome"] = report.outcome
+    manifest["files"] = file_inventory(run_dir)
+    write_manifest(run_dir, manifest)
+    return Collected(run_dir, fetched, manifest, report)

@@ -1,0 +1,34 @@
+"""Ending what crashed runs left behind on a target (`usmlab cleanup`, and before every run).
+
+The work happens on the target in kit/cleanup.py; this is the controller's side of it.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from usmlab.kit import kit_files
+from usmlab.targets.base import Target
+
+
+def can_sudo(target: Target) -> bool:
+    return target.run(["true"], sudo=True, check=False).ok
+
+
+def clean_target(target: Target, run_id: str | None = None, deploy: bool = True) -> list[Any]:
+    """End processes of runs that are no longer alive; returns what was ended or restored."""
+    kit_dir = target.join(target.work_dir, "kit")
+    if deploy:
+        target.sync(kit_files(), kit_dir)
+    argv = ["python3", target.join(kit_dir, "cleanup.py"), "--work-dir", target.work_dir]
+    if run_id:
+        argv += ["--run-id", run_id]
+    result = target.run(argv, sudo=can_sudo(target), check=False)
+    ended = []
+    for line in result.stdout.splitlines():
+        try:
+            ended.append(json.loads(line))
+        except ValueError:
+            continue
+    return ended

@@ -1,0 +1,145 @@
+"""bpftrace probes on Go's crypto/tls, next to the built-in tracer's OpenSSL probes.
+
+The misattribution seen in production was Go-TLS traffic (field notes §3), which a libssl probe
+never sees. These probes hook `crypto/tls.(*Conn).Write` and `.Read` at function entry in a Go
+binary and print the built-in tracer's own line format, so one analysis reads both. Go passes
+arguments in registers (ABIInternal: amd64 since Go 1.17, arm64 since Go 1.18), not where C code
+has them, and a uretprobe on Go code breaks when the runtime moves a goroutine's stack: entry
+only, with registers named per architecture.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import jinja2
+
+from usmlab.errors import UsmlabError
+from usmlab.targets.base import Target
+from usmlab.tracers.builtin import ATTACHED_MARK, LINE_MAX
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+GO_WRITE = "crypto/tls.(*Conn).Write"
+GO_READ = "crypto/tls.(*Conn).Read"
+# The probe spec is `uprobe:PATH:"symbol"`: a path with quotes, spaces or colons cannot be written.
+SAFE_PATH = re.compile(r"/[A-Za-z0-9._+/-]+")
+# bpftrace needs this to print a whole request line (its default string size is 64 bytes).
+STRLEN_ENV = {"BPFTRACE_STRLEN": str(LINE_MAX + 8)}
+
+
+@dataclass(frozen=True)
+class GoRegisters:
+    """bpftrace `reg()` names of the first three integer arguments of a Go method."""
+
+    conn: str  # the *tls.Conn receiver
+    buf: str  # b's data pointer
+    len: str  # len(b)
+
+
+REGISTERS = {
+    "amd64": GoRegisters(conn="ax", buf="bx", len="cx"),  # RAX, RBX, RCX
+    "arm64": GoRegisters(conn="r0", buf="r1", len="r2"),  # X0, X1, X2
+}
+ARCH_ALIASES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
+
+
+def go_arch(machine: str) -> str:
+    """`amd64`/`arm64` from `uname -m` or GOARCH spelling; UsmlabError for anything else."""
+    arch = ARCH_ALIASES.get(machine.strip().lower())
+    if arch is None:
+        supported = ", ".join(sorted(ARCH_ALIASES))
+        raise UsmlabError(f"no Go TLS probes for architecture {machine!r} (supported: {supported})")
+    return arch
+
+
+def _check_paths(binaries: list[str]) -> None:
+    if not binaries:
+        raise UsmlabError("no Go binary given for the Go TLS probes")
+    for binary in binaries:
+        if not SAFE_PATH.fullmatch(binary):
+            raise UsmlabError(
+                f"cannot probe {binary!r}: use an absolute path of letters, digits and ._+-/"
+            )
+
+
+def _render(
+    run_id: str,
+    binaries: list[str],
+    arch: str,
+    *,
+    with_begin: bool,
+    read_calls: bool,
+    line_max: int,
+) -> str:
+    _check_paths(binaries)
+    env = jinja2.Environment(
+        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+        undefined=jinja2.StrictUndefined,
+        trim_blocks=True,
+        lstrip_blocks=True,
+        keep_trailing_newline=True,
+    )
+    return env.get_template("go_tls.bt.j2").render(
+        run_id=run_id,
+        binaries=list(dict.fromkeys(binaries)),
+        arch=go_arch(arch),
+        regs=REGISTERS[go_arch(arch)],
+        line_max=line_max,
+        read_calls=read_calls,
+        with_begin=with_begin,
+        attached_mark=ATTACHED_MARK,
+    )
+
+
+def render_go_probes(
+    run_id: str,
+    binaries: list[str],
+    arch: str,
+    *,
+    read_calls: bool = True,
+    line_max: int = LINE_MAX,
+) -> str:
+    """Probe blocks only (no BEGIN), to append to the built-in OpenSSL program."""
+    return _render(
+        run_id, binaries, arch, with_begin=False, read_calls=read_calls, line_max=line_max
+    )
+
+
+def render_go_program(
+    run_id: str,
+    binaries: list[str],
+    arch: str,
+    *,
+    read_calls: bool = True,
+    line_max: int = LINE_MAX,
+) -> str:
+    """A complete bpftrace program: the Go probes plus the tracer's attached mark."""
+    return _render(
+        run_id, binaries, arch, with_begin=True, read_calls=read_calls, line_max=line_max
+    )
+
+
+def go_tls_functions(target: Target, binary: str) -> list[str]:
+    """Which of the probed crypto/tls methods `binary` has, as bpftrace itself lists them.
+
+    A stripped binary (`-ldflags=-s`) or one that does not use crypto/tls has none, and bpftrace
+    refuses to start when a probed symbol is missing.
+    """
+    _check_paths([binary])
+    listing = target.run(
+        ["bpftrace", "-l", f"uprobe:{binary}:crypto/tls.*"], sudo=True, check=False
+    )
+    found = {line.rsplit(":", 1)[-1].strip() for line in listing.stdout.splitlines()}
+    return [name for name in (GO_WRITE, GO_READ) if name in found]
+
+
+def check_go_binary(target: Target, binary: str) -> None:
+    """Fail with one clear line unless both probed methods are in `binary`'s symbol table."""
+    found = go_tls_functions(target, binary)
+    missing = [name for name in (GO_WRITE, GO_READ) if name not in found]
+    if missing:
+        raise UsmlabError(
+            f"{binary} has no symbol {missing[0]} (not a Go crypto/tls program, or stripped)"
+        )

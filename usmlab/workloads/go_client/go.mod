@@ -1,0 +1,3 @@
+module usmlab/goclient
+
+go 1.19
