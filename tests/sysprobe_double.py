@@ -169,6 +169,7 @@ class SysprobeDouble:
         self.chunk_size: int | None = None  # force chunked encoding with chunks of this size
         self.large_http_entries = 0
         self.delay = 0.0  # seconds to wait before answering
+        self.failure: int | None = None  # answer every request with this status (a sick probe)
         self.requests: list[str] = []  # request targets, in arrival order
         self.encodings: list[str] = []  # "content-length" or "chunked", per answer
         self.request_seen = threading.Event()
@@ -252,6 +253,8 @@ class SysprobeDouble:
 
     def answer(self, target: str) -> tuple[int, Iterator[bytes]]:
         """(status, body pieces) for a request target."""
+        if self.failure is not None:
+            return self.failure, iter([b"internal error\n"])
         url = urlsplit(target)
         client_id = parse_qs(url.query).get("client_id", [DEFAULT_CLIENT_ID])[0]
         if url.path == "/network_tracer/debug/http_monitoring":

@@ -130,6 +130,11 @@ def test_scenarios_lists_each_with_its_goal():
 
     result = CliRunner().invoke(app, ["scenarios"])
     assert result.exit_code == 0
+    from usmlab.scenarios import SCENARIOS
+
+    for scenario in SCENARIOS.values():  # every hypothesis scenario, with what it tests
+        assert scenario.name in result.output
+        assert scenario.goal in result.output
     for name, goal in [
         ("scenario1", "Verify eBPF captures requests with correct PID"),
         ("scenario2", "Sustained traffic to test for sporadic issues"),

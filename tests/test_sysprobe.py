@@ -311,7 +311,7 @@ json_values = st.recursive(
 )
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=120, deadline=None)
 @given(
     items=st.lists(json_values, max_size=8),
     chunk=st.integers(min_value=1, max_value=40),
@@ -388,6 +388,8 @@ def test_verdict_reports_a_planted_misattribution_and_a_foreign_pid(
     assert wrong["reason"] == "wrong-server" and wrong["named_port"] == 8443
     assert wrong["client_pids"] == [CLIENT_PID] and "tls.library:go" in wrong["tags"]
     assert summary["servers"]["9443"]["named_elsewhere"] == 2
+    # 41 + 39 + 2 tagged by USM itself; the stranger's 8 only through the connection's tags
+    assert summary["tags"] == {"tls.library:go": 41 + 39 + 2 + 8}
     assert summary["pid_checks"]["not_client"] == 1
     assert [f["pids"] for f in summary["pid_checks"]["foreign"]] == [[STRANGER_PID]]
 
@@ -432,8 +434,11 @@ def test_controller_collects_periodic_and_final_dumps(
     run_dir.mkdir()
     run_id = "20261125T160102Z-two-servers-local"
     proc = start_periodic(
-        target, str(KIT_DIR), str(run_dir), run_id, every=0.2, socket=str(double.socket_path)
-    )
+        target, str(KIT_DIR), str(run_dir), run_id, every=0.2, socket=str(double.socket_path),
+        env={"USMLAB_RUN_ID": run_id, "USMLAB_NAME": "sysprobe-fetch", "USMLAB_ROLE": "sampler"},
+    )  # fmt: skip
+    environ = Path(f"/proc/{proc.pid}/environ").read_bytes().split(b"\0")
+    assert f"USMLAB_RUN_ID={run_id}".encode() in environ  # cleanup can find it after a crash
     try:
         two_server_sample(double)  # traffic after the first round, as a run does it
         double.set_connections(*lab_connections(stranger=False))
@@ -482,3 +487,17 @@ def test_controller_says_in_one_line_when_system_probe_is_absent(short_dir: Path
         f"system-probe fetch failed: system-probe socket not found at {missing}"
         " (is system-probe running?)"
     )
+
+
+@needs_root
+def test_controller_fails_when_no_endpoint_answers(double: SysprobeDouble, short_dir: Path) -> None:
+    double.failure = 500
+    target = LocalTarget(work_dir=short_dir / "work")
+    run_dir = short_dir / "run"
+    run_dir.mkdir()
+    with pytest.raises(
+        UsmlabError,
+        match=r"^system-probe fetch failed: round 1: system-probe "
+        r"answered 500 .* for /network_tracer/connections\?client_id=usmlab-r2-",
+    ):
+        start_periodic(target, str(KIT_DIR), str(run_dir), "r2", socket=str(double.socket_path))

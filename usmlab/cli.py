@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -43,6 +44,13 @@ def friendly(func: F) -> F:
         except KeyboardInterrupt:
             _say("usmlab: interrupted")
             raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("USMLAB_DEBUG"):
+                raise
+            _say(f"usmlab: internal error: {type(exc).__name__}: {exc} (USMLAB_DEBUG=1 shows more)")
+            raise typer.Exit(1) from None
 
     return wrapper  # type: ignore[return-value]
 
@@ -104,8 +112,16 @@ def test_cmd(
         "runs"
     ),
     tracer: Annotated[
-        str, typer.Option(help="auto (builtin when root with BPF, else none), builtin, none.")
+        str,
+        typer.Option(
+            help="auto (builtin when root with BPF, else none), builtin, none, or system-probe "
+            "(already running on the target: collect its stats, start no tracer)."
+        ),
     ] = "auto",
+    sysprobe_socket: Annotated[
+        str | None,
+        typer.Option(help="system-probe's socket (/opt/datadog-agent/run/sysprobe.sock)."),
+    ] = None,
     url: Annotated[str | None, typer.Option(help="Server URL (loopback only).")] = None,
     count: Annotated[int | None, typer.Option(help="Requests to send; 0 = until stopped.")] = None,
     interval: Annotated[
@@ -154,8 +170,8 @@ def test_cmd(
     from usmlab.targets.local import default_state_dir
 
     chosen = get_scenario(scenario)
-    if tracer not in ("auto", "builtin", "none"):
-        raise UsageError(f"unknown tracer {tracer!r}: use auto, builtin or none")
+    if tracer not in ("auto", "builtin", "none", "system-probe"):
+        raise UsageError(f"unknown tracer {tracer!r}: use auto, builtin, none or system-probe")
     params = chosen.with_overrides(
         url=url,
         count=count,
@@ -187,6 +203,7 @@ def test_cmd(
         "runs_dir": runs_dir,
         "tracer": tracer,
         "state_dir": state_dir or default_state_dir(),
+        "sysprobe_socket": sysprobe_socket,
     }
     if len(specs) > 1:
         _test_many(specs, chosen, params, identity, work_dir, options)
@@ -224,6 +241,8 @@ def _test_one(
     if result.status != "complete":
         _say(f"usmlab: run {result.status}: {result.error or 'see manifest.json'}")
         _say(f"usmlab: files kept in {result.run_dir}")
+    elif result.error:
+        _say(f"usmlab: error: {result.error}")
     raise typer.Exit(result.exit_code)
 
 

@@ -70,9 +70,10 @@ def run_fleet(
     runs_dir: Path,
     tracer: str,
     state_dir: Path,
-    identity: Path | None,
-    work_dir: str | None,
-    progress: Callable[[str], None],
+    sysprobe_socket: str | None = None,
+    identity: Path | None = None,
+    work_dir: str | None = None,
+    progress: Callable[[str], None] = lambda message: None,
 ) -> list[HostResult]:
     if len(set(specs)) != len(specs):
         raise UsageError("the same target is named twice")
@@ -85,6 +86,7 @@ def run_fleet(
             runs_dir=runs_dir,
             tracer=tracer,
             state_dir=state_dir,
+            sysprobe_socket=sysprobe_socket,
             progress=lambda message, label=target.label: progress(f"[{label}] {message}"),
         )
         for i, target in enumerate(targets)

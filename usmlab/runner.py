@@ -37,7 +37,9 @@ from usmlab.workloads.client import summarize
 Progress = Callable[[str], None]
 
 # Teardown order by role: traffic first, the processes watching it next, the trace reader last.
-STOP_STAGE = {"client": 0, "server": 1, "tracer": 2, "sampler": 2, "capture": 3}
+STOP_STAGE = {
+    "client": 0, "server": 1, "sysprobe": 2, "tracer": 3, "sampler": 3, "capture": 4,
+}  # fmt: skip
 # A restart is a crash-like stop: SIGTERM, as Kubernetes sends, then SIGKILL.
 RESTART_STOP = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
 
@@ -105,11 +107,14 @@ def choose_tracer(requested: str, target: Target, facts: dict[str, Any]) -> str:
 
 
 def make_tracer(name: str) -> Tracer | None:
+    """The eBPF tracer to start; None for `none` and for `system-probe` (already running)."""
     if name == "builtin":
         return BuiltinTracer()
-    if name == "none":
+    if name in ("none", "system-probe"):
         return None
-    raise UsmlabError(f"unknown tracer {name!r}: use builtin or none", exit_code=2)
+    raise UsmlabError(
+        f"unknown tracer {name!r}: use auto, builtin, none or system-probe", exit_code=2
+    )
 
 
 @contextlib.contextmanager
@@ -159,6 +164,7 @@ class LabRun:
         tracer: str = "auto",
         state_dir: Path,
         progress: Progress = lambda message: None,
+        sysprobe_socket: str | None = None,
     ) -> None:
         self.target = target
         self.scenario = scenario
@@ -172,9 +178,12 @@ class LabRun:
         self.active_marker: str | None = None
         self.abort = threading.Event()  # set by a controller running several targets at once
         self.phases: dict[str, float] = {}
+        self.sysprobe_socket = sysprobe_socket
+        self.sysprobe: BackgroundProcess | None = None
         self.server_ports: list[int] = list(params.ports)
         self.clients: list[BackgroundProcess] = []
         self.go_client: str | None = None
+        self.tracer_name = tracer
         self.nat: Any = None
         self.restarts = 0
         self._lap_start = time.monotonic()
@@ -267,6 +276,7 @@ class LabRun:
         facts = self._deploy()
         tracer_name = choose_tracer(self.requested_tracer, target, facts)
         tracer = make_tracer(tracer_name)
+        self.tracer_name = tracer_name
         self.manifest["tracer"] = tracer_name
         self._save_manifest()
         self._plan_servers()
@@ -392,6 +402,8 @@ class LabRun:
             ),
             "sampler",
         )  # fmt: skip
+        if self.tracer_name == "system-probe":
+            self._start_sysprobe_fetch()
         if tracer is not None:
             self.progress(f"tracer {tracer.name}: starting, waiting for probes to attach")
             ctx = TracerContext(
@@ -411,6 +423,31 @@ class LabRun:
             self.manifest["tracer_attached_mono"] = tracer.attached_mono
             self.progress(f"tracer {tracer.name}: attached in {time.monotonic() - t0:.1f} s")
         self._lap("observers")
+
+    def _start_sysprobe_fetch(self) -> None:
+        """system-probe already runs on the target: collect its stats, start no tracer."""
+        from usmlab.sysprobe.fetch import DEFAULT_SOCKET, endpoint_urls, start_periodic
+
+        socket = self.sysprobe_socket or DEFAULT_SOCKET
+        self.progress(f"system-probe: fetching its stats from {socket}")
+        self.sysprobe = start_periodic(
+            self.target, self.kit_dir, self.remote_dir, self.run_id, socket=socket,
+            env=self._env("sysprobe-fetch", "sysprobe"),
+        )  # fmt: skip
+        self.started.add(self.sysprobe, "sysprobe")
+        self.manifest["sysprobe"] = {"socket": socket, "client_ids": endpoint_urls(self.run_id)}
+
+    def _finish_sysprobe_fetch(self) -> None:
+        """Stop the periodic fetch after its round, then take the final dumps."""
+        from usmlab.sysprobe.fetch import fetch_final, stop_periodic
+
+        assert self.sysprobe is not None
+        stop_periodic(self.target, self.sysprobe)
+        final = fetch_final(
+            self.target, self.kit_dir, self.remote_dir, self.run_id,
+            socket=self.manifest["sysprobe"]["socket"],
+        )  # fmt: skip
+        self.manifest["sysprobe"]["warnings"] = final.warnings
 
     # -- workloads ---------------------------------------------------------------------------
 
@@ -534,6 +571,11 @@ class LabRun:
                 last = now
                 self.progress(f"client: {self._requests_done()}/{total} requests")
         self.progress(f"client: finished (exit {', '.join(str(c) for c in codes)})")
+        for client, code in zip(self.clients, codes, strict=True):
+            if code == 2:  # the client's usage error: it sent nothing, say why
+                lines = self.target.read_text(client.stdout_path).strip().splitlines()
+                reason = lines[-1] if lines else "exit status 2"
+                raise UsmlabError(f"{client.name} refused its arguments: {reason}")
 
     def _requests_done(self) -> int:
         names = [
@@ -593,6 +635,8 @@ class LabRun:
             try:
                 if procs[0].name == "capture" and self.capture is not None:
                     self.capture.stop()
+                elif procs[0].name == "sysprobe-fetch":
+                    self._finish_sysprobe_fetch()
                 else:
                     self.target.stop_many(procs)
             except Exception as exc:  # noqa: BLE001 - one failed stop must not skip the others
@@ -649,7 +693,10 @@ class LabRun:
                 self.manifest["files"] = file_inventory(self.run_dir)
                 write_manifest(self.run_dir, self.manifest)
             except Exception as exc:  # noqa: BLE001 - the run's files are kept regardless
-                error = error or f"analysis failed: {exc}"
+                error = error or f"analysis failed: {type(exc).__name__}: {exc}"
+                self.manifest["analysis_error"] = error
+                write_manifest(self.run_dir, self.manifest)
+                code = 1
         if status == "interrupted":
             code = RunInterrupted.exit_code
         elif status == "failed":

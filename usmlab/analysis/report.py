@@ -57,6 +57,7 @@ class Report:
     lab_traffic_unmatched: int = 0
     server_records_unmatched: int = 0
     schema_version: int = SCHEMA_VERSION
+    system_probe: dict[str, Any] | None = None  # --tracer system-probe: its stats, judged
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready form, keys in a readable order."""
@@ -163,6 +164,19 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     verdict = correlate(ctx, trace if trace.exists() else None, workers)
     if before_attach:
         verdict.requests["before_attach"] = before_attach
+    system_probe = None
+    if tracer == "system-probe":
+        # No trace: system-probe's own stats are the capture, judged by the two-server rule
+        # and the PID checks (usmlab/sysprobe).
+        from usmlab.sysprobe.verdict import summarize_run
+
+        summary = system_probe = summarize_run(run_dir, manifest)
+        if summary is None or not summary.get("lab_requests"):
+            verdict.outcome = "no-captures"
+        elif summary.get("outcome") == "misattribution":
+            verdict.outcome = "misattribution"
+        else:
+            verdict.outcome = "capture-works"
     if not trace.exists() and tracer != "none":
         verdict.hints.insert(0, "no trace_pipe.log in the run folder: the capture did not run")
     source = {
@@ -172,7 +186,9 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
         "target": manifest.get("target"),
         "status": manifest.get("status"),
     }
-    return _build(verdict, ctx, source)
+    report = _build(verdict, ctx, source)
+    report.system_probe = system_probe
+    return report
 
 
 def workload_logs(run_dir: Path, manifest: dict[str, Any], role: str) -> list[Path]:

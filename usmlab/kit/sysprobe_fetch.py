@@ -16,7 +16,8 @@ Every file written is announced on stdout as one JSON line (seq, path, out, stat
 in periodic mode every finished round as {"round": N, "ok": files, "failed": paths that failed}.
 Exit status: 0 ok, 2 usage, 3 socket missing or nobody listening, 5 permission denied,
 6 HTTP error status, 7 malformed HTTP, 8 timeout or I/O error. In periodic mode only a missing
-socket at the first round is fatal; later failures are reported on stderr and the loop goes on.
+socket or a refused permission at the first round is fatal; later failures are reported on
+stderr and the loop goes on.
 
 Standard library only, Python 3.8+ (runs as root on the target).
 """
@@ -288,7 +289,7 @@ def run_periodic(args):
             try:
                 status, size = fetch(args.socket, url_path, target, args.timeout)
             except FetchError as err:
-                if seq == 1 and err.code == EXIT_SOCKET:
+                if seq == 1 and err.code in (EXIT_SOCKET, EXIT_PERMISSION):
                     sys.stderr.write("error: %s\n" % err)
                     return err.code
                 # The same failure every round (a disabled protocol) is said once.

@@ -17,6 +17,7 @@ import json
 import signal
 import time
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import quote
 
 from usmlab.errors import UsmlabError
@@ -89,20 +90,29 @@ def start_periodic(
 ) -> BackgroundProcess:
     """Start the fetcher as root; returns once its first round is on disk.
 
-    Fails in one line when system-probe is not there (socket missing: the fetcher exits 3).
+    `env` (the runner's USMLAB_RUN_ID/NAME/ROLE) is put on the command line through `env`,
+    not in the environment: sudo resets the environment, and cleanup finds a crashed run's
+    processes by those variables. Fails in one line when system-probe is not there (socket
+    missing: the fetcher exits 3).
     """
     out_dir = target.join(remote_run_dir, SUBDIR)
     target.run(["mkdir", "-p", "--", out_dir])
     log_path = target.join(out_dir, LOG_NAME)
     argv = _argv(kit_dir, target, out_dir, run_id, socket, ".json")
     argv += ["--every", f"{every:g}", "--until-signal"]
-    proc = target.start(argv, name="sysprobe-fetch", stdout_path=log_path, env=env, sudo=True)
+    if env:
+        argv = ["env", *(f"{key}={value}" for key, value in env.items()), *argv]
+    proc = target.start(argv, name="sysprobe-fetch", stdout_path=log_path, sudo=True)
     deadline = time.monotonic() + timeout
     while True:
         code = target.poll(proc)
         lines = _log_lines(target, log_path)
-        if any(_is_round(line, 1) for line in lines):
+        first = [r for r in map(_round, lines) if r.get("round") == 1]
+        if first and first[0].get("ok"):
             return proc
+        if first:  # every endpoint failed: nothing would be collected
+            target.stop(proc, STOP_SEQUENCE)
+            raise UsmlabError(f"system-probe fetch failed: {_last_error(lines)}")
         if code is not None:
             raise UsmlabError(f"system-probe fetch failed: {_last_error(lines)}")
         if time.monotonic() > deadline:
@@ -111,13 +121,15 @@ def start_periodic(
         time.sleep(0.1)
 
 
-def _is_round(line: str, number: int) -> bool:
+def _round(line: str) -> dict[str, Any]:
+    """The fetcher's end-of-round line as a dict; {} for any other line."""
     if not line.startswith('{"round"'):
-        return False
+        return {}
     try:
-        return json.loads(line).get("round") == number
+        record = json.loads(line)
     except ValueError:
-        return False
+        return {}
+    return record if isinstance(record, dict) else {}
 
 
 def stop_periodic(target: Target, proc: BackgroundProcess) -> int | None:

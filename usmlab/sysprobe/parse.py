@@ -40,7 +40,7 @@ _scan = make_scanner(json.JSONDecoder())
 _WS = " \t\r\n"
 _STRUCTURAL = re.compile(r'["\[\]{}]')
 _STRING_END = re.compile(r'["\\]')
-_SCALAR_END = re.compile(r"[\s,\]}]")
+_NUMBER = frozenset("0123456789.eE+-")
 
 
 @dataclass(slots=True)
@@ -111,7 +111,7 @@ class _JsonReader:
     def fail(self, what: str) -> AnalysisError:
         return AnalysisError(f"{self.name}: {what} at character {self.dropped + self.pos}")
 
-    def _fill(self, want: int = CHUNK_CHARS) -> bool:
+    def _fill(self, want: int = 0) -> bool:
         """Append more text; False at end of file."""
         if self.eof:
             return False
@@ -119,7 +119,7 @@ class _JsonReader:
             self.dropped += self.pos
             self.buf = self.buf[self.pos :]
             self.pos = 0
-        data = self.handle.read(max(want, CHUNK_CHARS))
+        data = self.handle.read(max(want, CHUNK_CHARS))  # the module value now: tests shrink it
         if not data:
             self.eof = True
             return False
@@ -153,9 +153,10 @@ class _JsonReader:
                 item, end = _scan(self.buf, self.pos)
             except (StopIteration, ValueError):
                 item, end = None, -1
-            # A value that reaches the end of the buffer may be cut (a number, a literal):
-            # it is only trusted once something follows it or the file has ended.
-            if end != -1 and (end < len(self.buf) or self.eof):
+            # A value that reaches the end of the buffer may be cut (a number, a literal), and
+            # a number followed by `.`/`e`/`-`... may go on: it is only trusted once a
+            # character that cannot continue it follows, or the file has ended.
+            if end != -1 and (self.eof or (end < len(self.buf) and self.buf[end] not in _NUMBER)):
                 self.pos = end
                 return item
             if len(self.buf) - self.pos > MAX_ELEMENT_CHARS:
@@ -237,8 +238,7 @@ class _JsonReader:
                     yield item
                     return
                 else:
-                    self.pos = end
-                    raise self.fail("malformed JSON: expected ',' or ']' in an array")
+                    break  # a number cut short (`0.`) or damage: the slow path tells which
             self.pos = pos
             yield self.value()  # reads more text as needed
             sep = self.peek()

@@ -125,10 +125,8 @@ class SysprobeVerdict:
         named = named_port(entry.path)
         if named is not None:
             server["named_here" if named == server_end[1] else "named_elsewhere"] += count
-        for tag in entry.tags:
-            self.tags[tag] = self.tags.get(tag, 0) + count
         pids, conn_tags = self._check_pids(entry, client_end, server_end, count)
-        for tag in conn_tags:
+        for tag in set(entry.tags) | conn_tags:  # the same tag seen both ways counts once
             self.tags[tag] = self.tags.get(tag, 0) + count
         if outcome in MISATTRIBUTED and len(self.misattributed) < MAX_LISTED:
             self.misattributed.append(
