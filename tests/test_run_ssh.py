@@ -116,7 +116,7 @@ def test_hostile_arguments_reach_the_remote_unchanged_and_run_nothing(sshd_serve
     marker = tmp_path / "pwned"
     work_dir = f"{tmp_path}/work dir 'q' \"dq\"; $(touch {marker})"
     paths = [
-        "/api/v1/persistentvolumes/pv;$(touch$IFS\"pwned1\")",
+        '/api/v1/persistentvolumes/pv;$(touch$IFS"pwned1")',
         "/api/v1/persistentvolumes/`touch$IFS'pwned2'`'z'\"q\"",
     ]
     done = run_usmlab(
