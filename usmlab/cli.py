@@ -114,10 +114,14 @@ def test_cmd(
     tracer: Annotated[
         str,
         typer.Option(
-            help="auto (builtin when root with BPF, else none), builtin, none, or system-probe "
-            "(already running on the target: collect its stats, start no tracer)."
+            help="auto (builtin when root with BPF, else none), builtin, usm-debugger, none, or "
+            "system-probe (already running on the target: collect its stats, start no tracer)."
         ),
     ] = "auto",
+    usm_debugger: Annotated[
+        str | None,
+        typer.Option(help="usm-debugger on the target (/git/datadog-agent/bin/usm-debugger)."),
+    ] = None,
     sysprobe_socket: Annotated[
         str | None,
         typer.Option(help="system-probe's socket (/opt/datadog-agent/run/sysprobe.sock)."),
@@ -168,10 +172,11 @@ def test_cmd(
     from usmlab.fleet import read_hosts_file
     from usmlab.scenarios import get_scenario, parse_duration, parse_paths, parse_ports
     from usmlab.targets.local import default_state_dir
+    from usmlab.tracers import TRACER_NAMES
 
     chosen = get_scenario(scenario)
-    if tracer not in ("auto", "builtin", "none", "system-probe"):
-        raise UsageError(f"unknown tracer {tracer!r}: use auto, builtin, none or system-probe")
+    if tracer not in ("auto", *TRACER_NAMES):
+        raise UsageError(f"unknown tracer {tracer!r}: use auto, {', '.join(TRACER_NAMES)}")
     params = chosen.with_overrides(
         url=url,
         count=count,
@@ -204,6 +209,7 @@ def test_cmd(
         "tracer": tracer,
         "state_dir": state_dir or default_state_dir(),
         "sysprobe_socket": sysprobe_socket,
+        "usm_debugger": usm_debugger,
     }
     if len(specs) > 1:
         _test_many(specs, chosen, params, identity, work_dir, options)

@@ -71,6 +71,7 @@ def run_fleet(
     tracer: str,
     state_dir: Path,
     sysprobe_socket: str | None = None,
+    usm_debugger: str | None = None,
     identity: Path | None = None,
     work_dir: str | None = None,
     progress: Callable[[str], None] = lambda message: None,
@@ -87,6 +88,7 @@ def run_fleet(
             tracer=tracer,
             state_dir=state_dir,
             sysprobe_socket=sysprobe_socket,
+            usm_debugger=usm_debugger,
             progress=lambda message, label=target.label: progress(f"[{label}] {message}"),
         )
         for i, target in enumerate(targets)

@@ -110,10 +110,15 @@ def make_tracer(name: str) -> Tracer | None:
     """The eBPF tracer to start; None for `none` and for `system-probe` (already running)."""
     if name == "builtin":
         return BuiltinTracer()
+    if name == "usm-debugger":
+        from usmlab.tracers.usm_debugger import UsmDebuggerTracer
+
+        return UsmDebuggerTracer()
     if name in ("none", "system-probe"):
         return None
     raise UsmlabError(
-        f"unknown tracer {name!r}: use auto, builtin, none or system-probe", exit_code=2
+        f"unknown tracer {name!r}: use auto, builtin, usm-debugger, none or system-probe",
+        exit_code=2,
     )
 
 
@@ -165,6 +170,7 @@ class LabRun:
         state_dir: Path,
         progress: Progress = lambda message: None,
         sysprobe_socket: str | None = None,
+        usm_debugger: str | None = None,
     ) -> None:
         self.target = target
         self.scenario = scenario
@@ -179,6 +185,7 @@ class LabRun:
         self.abort = threading.Event()  # set by a controller running several targets at once
         self.phases: dict[str, float] = {}
         self.sysprobe_socket = sysprobe_socket
+        self.usm_debugger = usm_debugger
         self.sysprobe: BackgroundProcess | None = None
         self.server_ports: list[int] = list(params.ports)
         self.clients: list[BackgroundProcess] = []
@@ -413,6 +420,7 @@ class LabRun:
                 facts=facts,
                 env=self._env("tracer", "tracer"),
                 go_binaries=[self.go_client] if self.go_client else [],
+                binary=self.usm_debugger,
             )
             proc = self.started.add(tracer.start(target, ctx), "tracer")
             self._save_manifest()

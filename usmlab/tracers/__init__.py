@@ -15,7 +15,7 @@ from typing import Any
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
 
-TRACER_NAMES = ("builtin", "none")
+TRACER_NAMES = ("builtin", "usm-debugger", "none", "system-probe")
 
 
 @dataclass
@@ -28,6 +28,7 @@ class TracerContext:
     facts: dict[str, Any] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)
     go_binaries: list[str] = field(default_factory=list)  # Go programs to probe too
+    binary: str | None = None  # the tracer's own program, when it is not on PATH (usm-debugger)
 
 
 class Tracer(ABC):
