@@ -31,6 +31,7 @@ from usmlab.certs import LabCerts, ensure_certs
 from usmlab.errors import UsmlabError
 from usmlab.go_build import GoBuild, GoBuildError, build_go_client, find_go
 from usmlab.kit.probe import mapped_libraries
+from usmlab.scenarios import DEFAULT_PATHS as SCENARIO_DEFAULT_PATHS
 from usmlab.targets.local import LocalTarget
 from usmlab.tracers.builtin import ATTACHED_MARK, exported_functions, render_program
 from usmlab.tracers.go_tls import (
@@ -45,16 +46,7 @@ CLIENT_FIELDS = [
     "seq", "pid", "tid", "local_addr", "local_port", "remote", "method", "path", "status",
     "error", "scheduled_mono", "start_mono", "end_mono", "start_wall", "end_wall", "conn_id",
 ]  # fmt: skip
-DEFAULT_PATHS = [
-    "/api/v1/persistentvolumes/pvc-63958627-daf8-4858-bf79-3818733c87b4",
-    "/api/v1/persistentvolumes/pvc-33641375-8db3-4ff3-b172-2ba76ce132fe",
-    "/api/v1/persistentvolumes/pvc-12345678-1234-1234-1234-123456789abc",
-    "/api/v1/namespaces/orgstore-maze/configmaps",
-    "/api/v1/namespaces/postgres-orgstore-proposals/configmaps",
-    "/api/v1/namespaces/datadog-agent/configmaps",
-    "/api/v1/namespaces/zookeeper-lockness/configmaps",
-    "/api/v1/namespaces/kube-system/pods",
-]
+DEFAULT_PATHS = list(SCENARIO_DEFAULT_PATHS)
 TLS_LINE = re.compile(r"bpf_trace_printk: usmlab-tls (write|read) pid=(\d+) len=(\d+) line=(.*)$")
 TLS_READ_CALL = re.compile(r"bpf_trace_printk: usmlab-tls read-call pid=(\d+) len=(\d+)$")
 

@@ -109,6 +109,27 @@ def test_vagrantfile_without_settings_file_gives_the_defaults(tmp_path: Path) ->
     assert done.returncode == 0, done.stderr + done.stdout
 
 
+def test_existing_machine_keeps_its_forwarded_ports(tmp_path: Path) -> None:
+    """The SSH port is baked into a created domain: new settings must not move it."""
+    root = tmp_path / "vm"
+    vagrant.prepare(root, load_settings(tmp_path, {}, lab_overrides(tmp_path)), cwd=tmp_path)
+    moved = {**lab_overrides(tmp_path), "lab_ssh_port": 43333, "lab_udp_port": 43400}
+
+    def lab_ports() -> tuple[int, int]:
+        lab = json.loads((root / ".usmlab" / "vm.json").read_text())["lab"]
+        return lab["ssh_port"], lab["udp_port"]
+
+    machine = root / ".vagrant" / "machines" / "default" / "libvirt"
+    machine.mkdir(parents=True)
+    (machine / "id").write_text("5b6c1f8e-1111-2222-3333-444455556666")
+    vagrant.prepare(root, load_settings(tmp_path, {}, moved), cwd=tmp_path)
+    assert lab_ports() == (42222, 42300)
+
+    (machine / "id").unlink()  # destroyed: the next machine takes the new ports
+    vagrant.prepare(root, load_settings(tmp_path, {}, moved), cwd=tmp_path)
+    assert lab_ports() == (43333, 43400)
+
+
 def test_prepare_refuses_to_replace_a_foreign_vagrantfile(tmp_path: Path) -> None:
     (tmp_path / "Vagrantfile").write_text('Vagrant.configure("2") { |c| c.vm.box = "mine" }\n')
     settings = load_settings(tmp_path, {}, {"profile": "test"})
@@ -178,7 +199,7 @@ def test_bad_go_version_file_is_a_clear_error(tmp_path: Path) -> None:
 
 def test_test_profile_names_every_heavy_step_it_skips(tmp_path: Path) -> None:
     text = render_provision(load_settings(tmp_path, {}, {"profile": "test"}), tmp_path).text
-    for step in ("go", "clang", "dda", "kernel-headers", "build-tools"):
+    for step in ("go", "clang", "dda", "kernel-headers"):
         assert f"heavy {step} || return 0" in text
 
 

@@ -316,6 +316,29 @@ def cleanup_cmd(
         print("nothing to clean up")
 
 
+@app.command("doctor")
+@friendly
+def doctor_cmd(
+    target: Annotated[str, typer.Option(help="local or ssh://USER@HOST[:PORT].")] = "local",
+    identity: Annotated[Path | None, typer.Option(help="SSH private key.")] = None,
+    work_dir: Annotated[str | None, typer.Option(help="usmlab's folder on the target.")] = None,
+    port: Annotated[int, typer.Option(help="The lab server's port.")] = 8443,
+    url: Annotated[str | None, typer.Option(help="Server URL for the TLS check.")] = None,
+    usm_debugger: Annotated[str | None, typer.Option(help="usm-debugger binary to check.")] = None,
+) -> None:
+    """The seed's troubleshooting checks on a target, as a pass/fail table with hints."""
+    from usmlab.doctor import failed, render_checks, run_doctor
+    from usmlab.targets import open_target
+
+    lab_target = open_target(target, identity, work_dir)
+    try:
+        checks = run_doctor(lab_target, port=port, url=url, usm_debugger_path=usm_debugger)
+    finally:
+        lab_target.close()
+    print(render_checks(checks))
+    raise typer.Exit(1 if failed(checks) else 0)
+
+
 @app.command("analyze")
 @friendly
 def analyze_cmd(

@@ -429,6 +429,7 @@ class LabRun:
             self.capture.wait_ready()
             tracer.wait_attached(target, ctx, proc, ATTACH_TIMEOUT, self.abort)
             self.manifest["tracer_attached_mono"] = tracer.attached_mono
+            self.manifest["tracer_attached"] = getattr(tracer, "attached_summary", None)
             self.progress(f"tracer {tracer.name}: attached in {time.monotonic() - t0:.1f} s")
         self._lap("observers")
 

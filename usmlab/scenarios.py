@@ -14,18 +14,11 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from usmlab.errors import UsageError
+from usmlab.workloads.client import DEFAULT_PATHS as CLIENT_DEFAULT_PATHS
 
-# The 8 paths the original hand-run client rotated through (field notes §3).
-DEFAULT_PATHS: tuple[str, ...] = (
-    "/api/v1/persistentvolumes/pvc-63958627-daf8-4858-bf79-3818733c87b4",
-    "/api/v1/persistentvolumes/pvc-33641375-8db3-4ff3-b172-2ba76ce132fe",
-    "/api/v1/persistentvolumes/pvc-12345678-1234-1234-1234-123456789abc",
-    "/api/v1/namespaces/orgstore-maze/configmaps",
-    "/api/v1/namespaces/postgres-orgstore-proposals/configmaps",
-    "/api/v1/namespaces/datadog-agent/configmaps",
-    "/api/v1/namespaces/zookeeper-lockness/configmaps",
-    "/api/v1/namespaces/kube-system/pods",
-)
+# The 8 paths the original hand-run client rotated through (field notes §3); the client, which
+# must stay a standalone file, holds the one list.
+DEFAULT_PATHS: tuple[str, ...] = tuple(CLIENT_DEFAULT_PATHS)
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|us)?\s*$")
 _UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}

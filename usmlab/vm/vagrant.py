@@ -42,7 +42,7 @@ _RUBY_LOCATION = re.compile(r"^/\S+\.rb:\d+:in `[^']*': ")
 
 
 class VagrantError(UsmlabError):
-    """A Vagrant command failed or Vagrant is missing; the message carries stderr's last line."""
+    """A Vagrant command failed or Vagrant is missing; the message sums up its stderr."""
 
 
 @dataclass(frozen=True)
@@ -161,13 +161,16 @@ def vagrant_config(
 
 
 def _lab_ports(settings: VmSettings, paths: VmPaths) -> tuple[int, int]:
-    """Ports on 127.0.0.1 for SSH and the UDP tunnel; an existing machine keeps the ones it has."""
+    """Ports on 127.0.0.1 for SSH and the UDP tunnel.
+
+    An existing machine keeps the ones it was created with: they are baked into its domain.
+    """
     previous: dict[str, object] = {}
     if paths.settings_json.exists() and _machine_id(paths) is not None:
         with contextlib.suppress(ValueError, OSError):
             previous = json.loads(paths.settings_json.read_text()).get("lab") or {}
-    ssh_port = settings.lab_ssh_port or int(previous.get("ssh_port") or 0) or _free_port("tcp")
-    udp_port = settings.lab_udp_port or int(previous.get("udp_port") or 0) or _free_udp_pair()
+    ssh_port = int(previous.get("ssh_port") or 0) or settings.lab_ssh_port or _free_port("tcp")
+    udp_port = int(previous.get("udp_port") or 0) or settings.lab_udp_port or _free_udp_pair()
     return ssh_port, udp_port
 
 
