@@ -316,6 +316,44 @@ def cleanup_cmd(
         print("nothing to clean up")
 
 
+@app.command("build")
+@friendly
+def build_cmd(
+    target: Annotated[str, typer.Option(help="Where to build: the VM's ssh:// or local.")] = (
+        "local"
+    ),
+    identity: Annotated[Path | None, typer.Option(help="SSH private key.")] = None,
+    clean: Annotated[bool, typer.Option(help="Remove stale eBPF objects first.")] = False,
+    arch: Annotated[str | None, typer.Option(help="arm64 or x86_64 (default: the target's).")] = (
+        None
+    ),
+    agent_dir: Annotated[str, typer.Option(help="The datadog-agent checkout on the target.")] = (
+        "/git/datadog-agent"
+    ),
+    record: Annotated[Path, typer.Option(help="Where the build record goes.")] = Path(
+        ".usmlab/build.json"
+    ),
+) -> None:
+    """Build usm-debugger with dda on the target and record the binary's hash."""
+    from usmlab.build import build_usm_debugger, normalize_arch
+    from usmlab.targets import open_target
+
+    if arch is not None:
+        arch = normalize_arch(arch)
+    lab_target = open_target(target, identity)
+    try:
+        built = build_usm_debugger(
+            lab_target, agent_dir=agent_dir, arch=arch, clean=clean, record_path=record,
+            progress=_say,
+        )  # fmt: skip
+    finally:
+        lab_target.close()
+    print(
+        f"built {built.binary} ({built.size} bytes, sha256 {built.sha256[:16]}...) "
+        f"in {built.duration_s:.0f} s; record: {record}"
+    )
+
+
 @app.command("doctor")
 @friendly
 def doctor_cmd(

@@ -571,6 +571,11 @@ class Correlator:
         if timeline is None:
             return None
         requests = self.requests
+        nearest = timeline.nearest(t)
+        if nearest is not None and not flags[nearest] & side:
+            req = requests[nearest]
+            if tid == req.tid or tid == req.server_tid:  # the usual case, decided at once
+                return nearest
         candidates = [i for i in timeline.within(t) if not flags[i] & side]
         running = [i for i in candidates if requests[i].start <= t <= requests[i].end]
         if running:
@@ -584,7 +589,7 @@ class Correlator:
             )
         if candidates:
             return candidates[0]
-        return timeline.nearest(t)
+        return nearest
 
     # -- the verdict --------------------------------------------------------------------------
 
