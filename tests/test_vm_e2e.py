@@ -9,11 +9,11 @@ debootstrap; set USMLAB_REQUIRE_VM_TESTS=1 (CI does) to fail instead of skipping
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -123,6 +123,35 @@ def test_ssh_details_reach_the_vm_on_loopback(lab_vm: LabVm) -> None:
     assert "/bpftrace" in done.stdout
 
 
+def test_scenario1_runs_inside_the_vm_with_the_builtin_tracer(
+    lab_vm: LabVm, tmp_path: Path
+) -> None:
+    """The lab inside the VM over SSH: deploy, tracer, capture, collect, analyze."""
+    done = subprocess.run(
+        [
+            sys.executable, "-m", "usmlab", "test", "scenario1", "--tracer", "builtin",
+            "--count", "5", "--interval", "0.2",
+            "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
+        ],
+        cwd=lab_vm.root,  # the VM of this folder is the default target
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    assert manifest["target"]["kind"] == "vagrant"
+    assert manifest["status"] == "complete"
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["outcome"] == "capture-works"
+    assert report["requests"]["captured_client"] == 5
+    assert report["requests"]["missed"] == 0
+    for name in ("trace_pipe.log", "client.jsonl", "server.jsonl", "threads.jsonl"):
+        assert manifest["files"][name]["size"] > 0
+
+
 def test_provisioning_again_changes_only_what_drifted(lab_vm: LabVm) -> None:
     details = vagrant.ssh_details(lab_vm.root)
     unmount = _ssh(details, "sudo umount /sys/kernel/tracing")
@@ -132,21 +161,16 @@ def test_provisioning_again_changes_only_what_drifted(lab_vm: LabVm) -> None:
     assert "[usmlab] tracefs: mounted at /sys/kernel/tracing" in repaired.provision_lines
     assert "[usmlab] done: 1 changed, 3 already in place, 5 skipped" in repaired.provision_lines
 
-    started = time.monotonic()
     again = vagrant.provision(lab_vm.root, lab_vm.settings, progress=_say, cwd=lab_vm.root)
-    seconds = time.monotonic() - started
     assert "[usmlab] tracefs: already mounted at /sys/kernel/tracing" in again.provision_lines
     assert "[usmlab] done: 0 changed, 4 already in place, 5 skipped" in again.provision_lines
-    assert seconds < 30, f"second provisioning took {seconds:.0f}s"
 
 
-def test_up_on_a_running_provisioned_vm_is_quick(lab_vm: LabVm) -> None:
-    started = time.monotonic()
+def test_up_on_a_running_provisioned_vm_does_nothing(lab_vm: LabVm) -> None:
+    """How long that takes is measured by bench/vm_up (target <= 15 s)."""
     result = vagrant.up(lab_vm.root, lab_vm.settings, progress=_say, cwd=lab_vm.root)
-    seconds = time.monotonic() - started
     assert result.action == "already-running"
     assert not result.provisioned
-    assert seconds <= 15, f"up on a running VM took {seconds:.1f}s"
 
 
 def test_destroy_removes_the_vm(lab_vm: LabVm) -> None:

@@ -97,7 +97,10 @@ def test_cmd(
     scenario: Annotated[str, typer.Argument(help="Scenario name (see `usmlab scenarios`).")],
     target: Annotated[
         list[str] | None,
-        typer.Option(help="local or ssh://USER@HOST[:PORT]; repeat to run on several at once."),
+        typer.Option(
+            help="local, vagrant (the lab VM; the default when it exists) or "
+            "ssh://USER@HOST[:PORT]; repeat to run on several at once."
+        ),
     ] = None,
     hosts: Annotated[
         Path | None, typer.Option(help="File with one target per line (adds to --target).")
@@ -198,10 +201,15 @@ def test_cmd(
     specs = list(target or [])
     if hosts is not None:
         specs += read_hosts_file(hosts)
-    specs = specs or ["local"]
+    if not specs:
+        from usmlab.targets import default_target_spec
+
+        specs = [default_target_spec()]
     for spec in specs:
-        if spec != "local" and not spec.startswith("ssh://"):
-            raise UsageError(f"unknown target {spec!r}: use 'local' or 'ssh://USER@HOST[:PORT]'")
+        if spec not in ("local", "vagrant") and not spec.startswith("ssh://"):
+            raise UsageError(
+                f"unknown target {spec!r}: use 'local', 'vagrant' or 'ssh://USER@HOST[:PORT]'"
+            )
     if identity is not None and not identity.is_file():
         raise UsageError(f"identity file {identity} not found")
     options = {
@@ -427,6 +435,109 @@ def analyze_cmd(
     print(render_table(report))
     print(f"report: {destination / 'report.json'}")
     raise typer.Exit(exit_status(report))
+
+
+# -- the lab VM -------------------------------------------------------------------------------
+
+
+@app.command("init")
+@friendly
+def init_cmd(
+    force: Annotated[bool, typer.Option(help="Overwrite an existing usmlab.toml.")] = False,
+) -> None:
+    """Write a usmlab.toml with the VM's settings and their defaults, to edit."""
+    from usmlab.vm.settings import write_default_toml
+
+    print(f"wrote {write_default_toml(Path.cwd() / 'usmlab.toml', force=force)}")
+
+
+def _vm_settings(**flags: Any) -> Any:
+    from usmlab.vm.settings import load_settings
+
+    return load_settings(Path.cwd(), os.environ, {k: v for k, v in flags.items() if v is not None})
+
+
+@app.command("up")
+@friendly
+def up_cmd(
+    provider: Annotated[str | None, typer.Option(help="libvirt, qemu, vmware_desktop, ...")] = None,
+    box: Annotated[str | None, typer.Option(help="Vagrant box (bento/ubuntu-24.04).")] = None,
+    cpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MB.")] = None,
+    agent_path: Annotated[
+        str | None, typer.Option(help="Local datadog-agent checkout, synced to /git/...")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="full, or test (skips the heavy toolchain).")
+    ] = None,
+    lab: Annotated[
+        bool,
+        typer.Option(help="This machine's local test VM: a small Debian box, libvirt under TCG."),
+    ] = False,
+) -> None:
+    """Create, start and provision the lab VM (quick when it is already up)."""
+    from usmlab.vm import vagrant
+
+    overrides: dict[str, Any] = {
+        "provider": provider, "box": box, "cpus": cpus, "memory": memory,
+        "agent_path": agent_path, "profile": profile,
+    }  # fmt: skip
+    if lab:
+        from usmlab.vm.box import build_test_box
+        from usmlab.vm.libvirt_host import ensure_libvirt_daemons
+
+        ensure_libvirt_daemons(_say)
+        overrides = {**build_test_box(progress=_say).lab_settings(), **overrides}
+        overrides["profile"] = overrides["profile"] or "test"
+    settings = _vm_settings(**overrides)
+    for line in settings.describe():
+        _say(f"[vm] {line}")
+    result = vagrant.up(Path.cwd(), settings, progress=_say, cwd=Path.cwd())
+    print(f"VM {result.action} in {result.seconds:.1f} s; `usmlab test scenario1` now runs there")
+
+
+@app.command("status")
+@friendly
+def status_cmd() -> None:
+    """The lab VM's state (running, poweroff, not_created, ...)."""
+    from usmlab.vm import vagrant
+
+    print(vagrant.status(Path.cwd()))
+
+
+@app.command("ssh")
+@friendly
+def ssh_cmd(
+    command: Annotated[list[str] | None, typer.Argument(help="Run this, not a shell.")] = None,
+) -> None:
+    """Open a shell in the lab VM (plain OpenSSH with Vagrant's details)."""
+    from usmlab.vm import vagrant
+
+    details = vagrant.ssh_details(Path.cwd())
+    argv = [
+        "ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR", "-i", str(details["identity_file"]), "-p", str(details["port"]),
+        f"{details['user']}@{details['host']}", *(command or []),
+    ]  # fmt: skip
+    os.execvp("ssh", argv)
+
+
+@app.command("halt")
+@friendly
+def halt_cmd() -> None:
+    """Stop the lab VM (keeps it)."""
+    from usmlab.vm import vagrant
+
+    vagrant.halt(Path.cwd(), progress=_say)
+
+
+@app.command("destroy")
+@friendly
+def destroy_cmd() -> None:
+    """Delete the lab VM (the box stays cached)."""
+    from usmlab.vm import vagrant
+
+    vagrant.destroy(Path.cwd(), progress=_say)
 
 
 def main() -> None:

@@ -11,8 +11,29 @@ from usmlab.targets.local import LocalTarget
 __all__ = ["BackgroundProcess", "CommandResult", "LocalTarget", "Target", "open_target"]
 
 
+def default_target_spec(cwd: Path | None = None) -> str:
+    """`vagrant` when this folder's lab VM exists, else `local`."""
+    from usmlab.vm.vagrant import vm_exists
+
+    return "vagrant" if vm_exists(cwd or Path.cwd()) else "local"
+
+
 def open_target(spec: str, identity: Path | None = None, work_dir: str | None = None) -> Target:
-    """A target from its command-line spelling: `local` or `ssh://USER@HOST[:PORT]`."""
+    """A target from its command-line spelling: `local`, `vagrant` or `ssh://USER@HOST[:PORT]`."""
+    if spec == "vagrant":
+        from usmlab.targets.ssh import SshTarget
+        from usmlab.vm.vagrant import ssh_details, vm_exists
+
+        if not vm_exists(Path.cwd()):
+            raise UsageError("no lab VM in this folder: run `usmlab up` first")
+        details = ssh_details(Path.cwd())
+        key = identity or Path(str(details["identity_file"]))
+        target = SshTarget(
+            f"ssh://{details['user']}@{details['host']}:{details['port']}", key, work_dir
+        )
+        target.kind = "vagrant"
+        target.spec = "vagrant"
+        return target
     if spec == "local":
         if identity is not None:
             raise UsageError("--identity goes with an ssh:// target, not local")
@@ -21,4 +42,4 @@ def open_target(spec: str, identity: Path | None = None, work_dir: str | None = 
         from usmlab.targets.ssh import SshTarget  # fabric loads only when SSH is used
 
         return SshTarget(spec, identity=identity, work_dir=work_dir)
-    raise UsageError(f"unknown target {spec!r}: use 'local' or 'ssh://USER@HOST[:PORT]'")
+    raise UsageError(f"unknown target {spec!r}: use 'local', 'vagrant' or 'ssh://USER@HOST[:PORT]'")
