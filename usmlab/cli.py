@@ -487,8 +487,8 @@ def up_cmd(
         from usmlab.vm.libvirt_host import ensure_libvirt_daemons
 
         ensure_libvirt_daemons(_say)
-        overrides = {**build_test_box(progress=_say).lab_settings(), **overrides}
-        overrides["profile"] = overrides["profile"] or "test"
+        given = {k: v for k, v in overrides.items() if v is not None}
+        overrides = {**build_test_box(progress=_say).lab_settings(), "profile": "test", **given}
     settings = _vm_settings(**overrides)
     for line in settings.describe():
         _say(f"[vm] {line}")
