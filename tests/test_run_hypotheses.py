@@ -162,11 +162,11 @@ def test_system_probe_source_reports_a_wrong_server_entry(tmp_path):
     short = Path(tempfile.mkdtemp(prefix="usmsp-"))
     try:
         with SysprobeDouble(short) as double:
-            lo = "127.0.0.1"
+            lo, named = "127.0.0.1", f"/server{ports[0]}/identify"
             double.add_http(
-                request_summary((lo, 40100), (lo, ports[0]), f"/server{ports[0]}/identify", {200: 5}),
-                request_summary((lo, 40102), (lo, ports[1]), f"/server{ports[0]}/identify", {200: 1}),
-            )  # fmt: skip
+                request_summary((lo, 40100), (lo, ports[0]), named, {200: 5}),
+                request_summary((lo, 40102), (lo, ports[1]), named, {200: 1}),  # wrong server
+            )
             done = run_usmlab(
                 "test", "scenario1",
                 "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
