@@ -38,7 +38,6 @@ from usmlab.tracers.go_tls import (
     STRLEN_ENV,
     check_go_binary,
     render_go_probes,
-    render_go_program,
 )
 
 SERVER_PY = Path(__file__).resolve().parents[1] / "usmlab" / "workloads" / "server.py"
@@ -413,7 +412,7 @@ def test_probes_read_the_go_register_abi_of_each_architecture() -> None:
     assert 'reg("bx")' in amd64 and 'reg("cx")' in amd64 and 'reg("r1")' not in amd64
     assert 'reg("r1")' in arm64 and 'reg("r2")' in arm64 and 'reg("bx")' not in arm64
     assert "BEGIN" not in amd64  # a fragment, appended to the built-in program
-    whole = render_go_program("r", ["/opt/lab/goclient"], "amd64")
+    whole = render_go_probes("r", ["/opt/lab/goclient"], "amd64", with_begin=True)
     assert whole.startswith(amd64.rstrip("\n")) and ATTACHED_MARK in whole
     assert not re.search(r"^uretprobe", amd64 + arm64, re.M)  # Go moves stacks: entry only
     for bad in (["relative/goclient"], ['/tmp/x"y'], []):

@@ -98,26 +98,14 @@ def render_go_probes(
     binaries: list[str],
     arch: str,
     *,
+    with_begin: bool = False,
     read_calls: bool = True,
     line_max: int = LINE_MAX,
 ) -> str:
-    """Probe blocks only (no BEGIN), to append to the built-in OpenSSL program."""
+    """The Go probe blocks, to append to the built-in OpenSSL program; `with_begin` makes them
+    a complete program of their own, with the tracer's attached mark."""
     return _render(
-        run_id, binaries, arch, with_begin=False, read_calls=read_calls, line_max=line_max
-    )
-
-
-def render_go_program(
-    run_id: str,
-    binaries: list[str],
-    arch: str,
-    *,
-    read_calls: bool = True,
-    line_max: int = LINE_MAX,
-) -> str:
-    """A complete bpftrace program: the Go probes plus the tracer's attached mark."""
-    return _render(
-        run_id, binaries, arch, with_begin=True, read_calls=read_calls, line_max=line_max
+        run_id, binaries, arch, with_begin=with_begin, read_calls=read_calls, line_max=line_max
     )
 
 
