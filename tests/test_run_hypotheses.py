@@ -56,6 +56,7 @@ def test_churn_runs_go_against_two_servers_with_a_per_server_verdict(tmp_path):
     assert set(per_server) == {str(p) for p in ports}
     for row in per_server.values():
         assert row["sent"] == 40
+        assert row["captured_client"] == 40  # every Go write, credited one to one
         assert row["misattributed"] == 0
         assert row["missed"] == 0
     # Each server only answered the path that names it.

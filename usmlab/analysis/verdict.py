@@ -28,6 +28,7 @@ from usmlab.analysis.threads import LAB_HELPER_ROLES, Process, ThreadMap
 from usmlab.analysis.trace_pipe import ParseStats, Row, TraceScanner, read_blocks
 
 WINDOW = 0.5  # seconds a capture may fall before a request's start or after its end
+SLACK = 0.02  # on a shared clock: a capture this close to a request counts as during it
 _EXIT_STATUS = {"capture-works": 0, "untraced": 0, "misattribution": 1, "no-captures": 3}
 # Caps that keep report.json readable on huge runs; the counts are always complete.
 LIST_CAP = 50
@@ -147,6 +148,10 @@ class Tally:
     """What one scan of (part of) the trace found; tallies of several parts add up."""
 
     flags: bytearray
+    # Path captures in client processes (t, path), re-matched one to one after the scan, and
+    # the requests pathless events credited to the client (kept through that re-matching).
+    client_caps: list[tuple[float, str]] = field(default_factory=list)
+    pathless_client: set[int] = field(default_factory=set)
     # Request index -> the earliest capture in another process / tying it to the wrong server:
     # (ts, owner, tid, comm); owner is the pid, or -tid for an unknown thread.
     other_process: dict[int, tuple[float, int, int, str]] = field(default_factory=dict)
@@ -178,6 +183,8 @@ class Tally:
         for i, bits in enumerate(other.flags):
             if bits:
                 self.flags[i] |= bits
+        self.client_caps.extend(other.client_caps)
+        self.pathless_client |= other.pathless_client
         for mine_d, theirs in (
             (self.other_process, other.other_process),
             (self.wrong_server, other.wrong_server),
@@ -513,6 +520,7 @@ class Correlator:
             )
         elif role == "client":
             tally.flags[idx] |= _CLIENT
+            tally.client_caps.append((t, path))
         elif role == "server":
             tally.flags[idx] |= _SERVER
         else:
@@ -557,6 +565,8 @@ class Correlator:
                 )
                 return
         tally.flags[best] |= _CLIENT if role == "client" else _SERVER
+        if role == "client":
+            tally.pathless_client.add(best)
 
     def _match_path(self, path: str, t: float, tid: int, flags: bytearray, side: int) -> int | None:
         """The request this capture belongs to: same path, its window contains t.
@@ -593,9 +603,48 @@ class Correlator:
 
     # -- the verdict --------------------------------------------------------------------------
 
+    def _rematch_client(self, tally: Tally) -> None:
+        """Credit the client one to one, optimally, now that every capture is known.
+
+        Scanning assigns captures as they come; with many concurrent requests of one path (Go
+        churn) that can leave a request uncredited although its write is in the trace. Here
+        every client capture of a path is matched to a request of that path running at that
+        time (within SLACK), earliest deadline first, which maximizes the requests credited.
+        Used only on a shared clock (`mono`) and only when it credits at least as many.
+        """
+        requests = self.requests
+        by_path: dict[str, list[float]] = {}
+        for t, path in tally.client_caps:
+            by_path.setdefault(path, []).append(t)
+        spans_of: dict[str, list[tuple[float, float, int]]] = {p: [] for p in by_path}
+        for i, r in enumerate(requests):
+            if r.path in spans_of:
+                spans_of[r.path].append((r.start - SLACK, r.end + SLACK, i))
+        credited = set(tally.pathless_client)
+        for path, times in by_path.items():
+            spans = sorted(spans_of[path])
+            times.sort()
+            running: list[tuple[float, int]] = []
+            j = 0
+            for t in times:
+                while j < len(spans) and spans[j][0] <= t:
+                    heapq.heappush(running, (spans[j][1], spans[j][2]))
+                    j += 1
+                while running and running[0][0] < t:
+                    heapq.heappop(running)
+                if running:
+                    credited.add(heapq.heappop(running)[1])
+        flags = tally.flags
+        if len(credited) < sum(1 for b in flags if b & _CLIENT):
+            return
+        for i in range(len(flags)):
+            flags[i] = (flags[i] | _CLIENT) if i in credited else (flags[i] & ~_CLIENT)
+
     def judge(self, tally: Tally, clock_offset_source: str) -> Verdict:
         """Turn a complete tally into counts, lists, outcome and hints."""
         requests = self.requests
+        if clock_offset_source == "mono" and tally.client_caps:
+            self._rematch_client(tally)
         flags = tally.flags
         captured_client = sum(1 for b in flags if b & _CLIENT)
         captured_server = sum(1 for b in flags if b & _SERVER)
