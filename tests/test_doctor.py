@@ -124,19 +124,22 @@ def test_a_busy_trace_pipe_names_its_reader(target: LocalTarget) -> None:
     sys.path.insert(0, str(KIT_DIR))
     import tracefs  # the kit's own module, as the target runs it
 
-    path = next((p for p in tracefs.CANDIDATES if os.path.exists(f"{p}/trace_pipe")), None)
-    if path is None:
-        pytest.skip("tracefs is not mounted")
+    path, mounted_here = tracefs.find_tracefs()  # mounts tracefs when missing (fresh machine)
+    assert path is not None, "no tracefs on this kernel"
     try:
-        fd = os.open(f"{path}/trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
-    except OSError as exc:
-        if exc.errno == errno.EBUSY:
-            pytest.skip("another reader holds trace_pipe")
-        raise
-    try:
-        check = by_name(run_doctor(target, port=free_port()))["trace_pipe readable"]
+        try:
+            fd = os.open(f"{path}/trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        except OSError as exc:
+            if exc.errno == errno.EBUSY:
+                pytest.skip("another reader holds trace_pipe")
+            raise
+        try:
+            check = by_name(run_doctor(target, port=free_port()))["trace_pipe readable"]
+        finally:
+            os.close(fd)
     finally:
-        os.close(fd)
+        if mounted_here:
+            subprocess.run(["umount", path], check=False)
     assert check.ok is False
     assert f"{os.getpid()} (" in check.detail and "busy" in check.detail
     again = by_name(run_doctor(target, port=free_port()))["trace_pipe readable"]
