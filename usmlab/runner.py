@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from usmlab import __version__
-from usmlab.analysis.report import analyze_run, exit_status, write_report
+from usmlab.analysis.report import analyze_run, exit_status, workload_logs, write_report
 from usmlab.certs import ensure_certs
 from usmlab.errors import RunInterrupted, UsmlabError
 from usmlab.kit import kit_files
@@ -72,35 +72,23 @@ class _Started:
         return proc
 
 
-def client_failure(path: Path) -> str | None:
-    """Why a run's client got no successful answer at all, or None if some request succeeded."""
-    first_error = None
-    sent = 0
-    try:
-        with path.open(errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                sent += 1
-                if record.get("error") is None and 200 <= (record.get("status") or 0) < 400:
-                    return None
-                first_error = first_error or record.get("error") or f"status {record.get('status')}"
-    except OSError:
+def client_failure(records: list[dict[str, Any]]) -> str | None:
+    """Why a run's clients got no successful answer at all, or None if some request succeeded."""
+    for record in records:
+        if record.get("error") is None and 200 <= (record.get("status") or 0) < 400:
+            return None
+    if not records:
         return None
-    if not sent:
-        return None
-    return f"none of the {sent} requests succeeded: {first_error}"
+    first = records[0]
+    reason = first.get("error") or f"status {first.get('status')}"
+    return f"none of the {len(records)} requests succeeded: {reason}"
 
 
 def choose_tracer(requested: str, target: Target, facts: dict[str, Any]) -> str:
     """`auto` means builtin when the target can run eBPF as root, else none."""
     if requested != "auto":
         return requested
-    can_root = facts.get("euid") == 0 or (
-        facts.get("sudo") and target.run(["true"], sudo=True, check=False).ok
-    )
+    can_root = facts.get("euid") == 0 or target.can_sudo()
     if can_root and facts.get("btf") and facts.get("bpftrace"):
         return "builtin"
     return "none"
@@ -193,6 +181,8 @@ class LabRun:
         self.tracer_name = tracer
         self.nat: Any = None
         self.restarts = 0
+        self.client_logs: list[Path] = []
+        self.client_records: list[dict[str, Any]] = []
         self._lap_start = time.monotonic()
         self.manifest: dict[str, Any] = {}
 
@@ -675,24 +665,26 @@ class LabRun:
         write_manifest(self.run_dir, self.manifest)
 
     def _client_summary(self) -> None:
-        records = []
-        path = self.run_dir / "client.jsonl"
-        if path.exists():
+        """Read every client's log once: the summary and the all-failed check share it."""
+        self.client_logs = workload_logs(self.run_dir, self.manifest, "client")
+        records: list[dict[str, Any]] = []
+        for path in self.client_logs:
             for line in path.read_text(errors="replace").splitlines():
                 with contextlib.suppress(ValueError):
                     records.append(json.loads(line))
+        self.client_records = records
         self.manifest["client_summary"] = summarize(records)
 
     def _conclude(self, status: str, error: str | None) -> RunResult:
         if status == "complete":
-            failure = client_failure(self.run_dir / "client.jsonl")
+            failure = client_failure(self.client_records)
             if failure:
                 status, error = "failed", failure
                 self.manifest.update(status=status, error=error)
                 write_manifest(self.run_dir, self.manifest)
         report = None
         code = 0
-        if status != "failed" or (self.run_dir / "client.jsonl").exists():
+        if status != "failed" or self.client_logs:
             try:
                 report = analyze_run(self.run_dir)
                 write_report(report, self.run_dir)
