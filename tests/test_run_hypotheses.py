@@ -102,6 +102,8 @@ def test_multi_client_gives_each_client_its_own_paths(tmp_path):
     paths = [{r["path"] for r in read_jsonl(run_dir / f"{c}.jsonl")} for c in clients]
     assert not (paths[0] & paths[1] or paths[1] & paths[2] or paths[0] & paths[2])
     assert report["requests"]["captured_client"] == 18
+    _, manifest = report_of(tmp_path)
+    assert manifest["client_summary"]["sent"] == 18  # every client's log, not just client.jsonl
 
 
 def test_ephemeral_port_server_listens_inside_the_ephemeral_range(tmp_path):

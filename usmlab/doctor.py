@@ -14,7 +14,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-from usmlab.errors import UsmlabError
 from usmlab.kit import kit_files
 from usmlab.scenarios import check_url
 from usmlab.targets.base import Target
@@ -113,14 +112,7 @@ def render_checks(checks: list[Check]) -> str:
 
 
 def _can_root(target: Target, facts: dict[str, Any]) -> bool:
-    if facts.get("euid") == 0:
-        return True
-    if not facts.get("sudo"):
-        return False
-    try:
-        return target.run(["true"], sudo=True, check=False, timeout=10).ok
-    except UsmlabError:
-        return False
+    return facts.get("euid") == 0 or target.can_sudo()
 
 
 def _root_check(facts: dict[str, Any], root: bool) -> Check:

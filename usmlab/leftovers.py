@@ -12,10 +12,6 @@ from usmlab.kit import kit_files
 from usmlab.targets.base import Target
 
 
-def can_sudo(target: Target) -> bool:
-    return target.run(["true"], sudo=True, check=False).ok
-
-
 def clean_target(target: Target, run_id: str | None = None, deploy: bool = True) -> list[Any]:
     """End processes of runs that are no longer alive; returns what was ended or restored."""
     kit_dir = target.join(target.work_dir, "kit")
@@ -24,7 +20,7 @@ def clean_target(target: Target, run_id: str | None = None, deploy: bool = True)
     argv = ["python3", target.join(kit_dir, "cleanup.py"), "--work-dir", target.work_dir]
     if run_id:
         argv += ["--run-id", run_id]
-    result = target.run(argv, sudo=can_sudo(target), check=False)
+    result = target.run(argv, sudo=target.can_sudo(), check=False)
     ended = []
     for line in result.stdout.splitlines():
         try:

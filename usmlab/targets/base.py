@@ -69,6 +69,7 @@ class Target(ABC):
     kind: str = "abstract"
     spec: str = ""  # how the user named it on the command line
     identity: Path | None = None  # key file, for transports that use one
+    _can_sudo: bool | None = None  # learned once by can_sudo()
 
     @property
     @abstractmethod
@@ -120,6 +121,17 @@ class Target(ABC):
     @abstractmethod
     def signal_group(self, proc: BackgroundProcess, sig: signal.Signals) -> None:
         """Send a signal to the process group of a background process."""
+
+    def can_sudo(self) -> bool:
+        """Whether root work is possible here (root already, or passwordless sudo); asked once."""
+        cached = self._can_sudo
+        if cached is None:
+            try:
+                cached = self.run(["true"], sudo=True, check=False, timeout=10).ok
+            except UsmlabError:
+                cached = False  # no sudo, or it wants a password
+            self._can_sudo = cached
+        return cached
 
     def lifeline_pid(self) -> int | None:
         """Pid, on the target, of a process that lives exactly as long as this controller.
