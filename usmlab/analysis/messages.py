@@ -220,6 +220,20 @@ def _tls(match: re.Match[str]) -> TlsEvent:
 
 
 _BY_LABEL = _shared_events()
+_BY_LABEL_BYTES = {label.encode(): event for label, event in _BY_LABEL.items()}
+
+
+def shared_event(message: bytes) -> MessageEvent | None:
+    """`classify(message)` for USM's fixed-format printks, read from the raw bytes; None for
+    anything else. Those printks carry addresses and counters, so nearly every one is unique:
+    recognising them by label keeps them out of the scanner's message cache (which they would
+    flush) and skips decoding. Same answer as `classify`: a lab path anywhere makes it None."""
+    label, colon, _ = message.partition(b":")
+    if not colon or b"/api/" in message or b"/server" in message:
+        return None
+    return _BY_LABEL_BYTES.get(label)
+
+
 _HTTP_PROCESS = UsmEvent("http_event")
 _GO_TLS = UsmEvent("go_tls")
 

@@ -148,6 +148,8 @@ class TraceScanner:
 
     `classify(message_text)` is called once per distinct message; `kinds` sizes the per-thread
     counters; `watch(tid)` says whether pathless traffic of that thread is handed over.
+    `shared(message_bytes)`, when given, answers first for messages that are unique but of a
+    known class (it must agree with `classify`); its answers are not cached.
     """
 
     def __init__(
@@ -155,9 +157,11 @@ class TraceScanner:
         classify: Callable[[str], MessageClass],
         kinds: int,
         watch: Callable[[int], bool] | None = None,
+        shared: Callable[[bytes], MessageClass | None] | None = None,
     ) -> None:
         self.stats = ParseStats()
         self._classify = classify
+        self._shared = shared
         self._kinds = kinds
         self._watch = watch or (lambda tid: False)
         # key (line up to the timestamp's dot) -> header; base (key without the seconds) ->
@@ -249,7 +253,9 @@ class TraceScanner:
 
     def _new_class(self, rest: bytes) -> MessageClass:
         """Classify and remember a single-line `<event>: <message>` (validated)."""
-        klass = self._classify(_message_text(rest))
+        klass = self._shared(rest.partition(_SEP)[2]) if self._shared is not None else None
+        if klass is None:
+            klass = self._classify(_message_text(rest))
         if len(self._classes) >= _MAX_MESSAGES:
             self._classes.clear()
         self._classes[rest] = klass

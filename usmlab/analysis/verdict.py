@@ -23,7 +23,14 @@ from typing import TypeVar
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.fanout import default_workers, map_ranges, split_ranges
-from usmlab.analysis.messages import KINDS, TRAFFIC_KINDS, MessageEvent, classify, is_lab_path
+from usmlab.analysis.messages import (
+    KINDS,
+    TRAFFIC_KINDS,
+    MessageEvent,
+    classify,
+    is_lab_path,
+    shared_event,
+)
 from usmlab.analysis.threads import LAB_HELPER_ROLES, Process, ThreadMap
 from usmlab.analysis.trace_pipe import ParseStats, Row, TraceScanner, read_blocks
 
@@ -397,7 +404,7 @@ class Correlator:
     def scan_range(self, path: Path, start: int, end: int | None) -> Tally:
         """Scan bytes [start, end) of the trace (line-aligned) into a fresh tally."""
         tally = Tally(bytearray(len(self.requests)))
-        scanner = TraceScanner(classify, len(KINDS), self.watched.__contains__)
+        scanner = TraceScanner(classify, len(KINDS), self.watched.__contains__, shared_event)
         with open(path, "rb", buffering=0) as source:
             for lines in read_blocks(source, start, end):
                 self.consume(scanner.scan(lines), tally)
@@ -901,7 +908,7 @@ def estimate_offset(ctx: LabContext, trace: Path) -> tuple[float, str]:
         sequences.setdefault((None, req.path), []).append(req.start)
     seen: dict[tuple[int | None, str], int] = {}
     diffs: list[float] = []
-    scanner = TraceScanner(classify, len(KINDS))
+    scanner = TraceScanner(classify, len(KINDS), shared=shared_event)
     with open(trace, "rb", buffering=0) as source:
         # The end may cut a line: harmless, the fragment is at worst one lost sample.
         for lines in read_blocks(source, 0, min(trace.stat().st_size, _OFFSET_SCAN_BYTES)):
