@@ -185,6 +185,8 @@ class LabRun:
         self.client_records: list[dict[str, Any]] = []
         self._lap_start = time.monotonic()
         self.manifest: dict[str, Any] = {}
+        self.tracer: Tracer | None = None
+        self._attaching: tuple[Tracer, TracerContext, BackgroundProcess, float] | None = None
 
     # -- helpers ---------------------------------------------------------------------------
 
@@ -259,7 +261,7 @@ class LabRun:
                 with _deferred_interrupts():
                     if status != "complete":
                         self._lap(f"until {status}")
-                    self._teardown()
+                    self._teardown(traffic_ended=status == "complete")
                     self._lap("teardown")
                     self.manifest.update(status=status, ended=now_iso())
                     if error:
@@ -272,7 +274,7 @@ class LabRun:
         target, params = self.target, self.params
         facts = self._deploy()
         tracer_name = choose_tracer(self.requested_tracer, target, facts)
-        tracer = make_tracer(tracer_name)
+        tracer = self.tracer = make_tracer(tracer_name)
         self.tracer_name = tracer_name
         self.manifest["tracer"] = tracer_name
         self._save_manifest()
@@ -295,10 +297,14 @@ class LabRun:
             self.progress(f"traffic: running {params.preexisting:g} s before the tracer attaches")
             self._sleep(params.preexisting)
             self._start_observers(tracer, facts)
+            self._wait_attached()
         else:
+            # The seed's order: the server starts while the tracer loads its probes (bpftrace
+            # compiles and attaches for ~0.3 s); traffic still waits for the attach.
             self._start_observers(tracer, facts)
             self._start_servers()
             self._lap("server")
+            self._wait_attached()
             self._start_clients()
         self._drive_traffic()
         self._lap("client")
@@ -315,7 +321,6 @@ class LabRun:
         self.kit_dir = target.join(target.work_dir, "kit")
         uploaded = target.sync(files, self.kit_dir)
         self.remote_dir = target.run_dir_for(self.run_id, self.run_dir)
-        target.run(["mkdir", "-p", "--", self.remote_dir])
         self.manifest["kit"] = {"dir": self.kit_dir, "uploaded": uploaded}
         self.manifest["target"]["run_dir"] = self.remote_dir
         self.manifest["target"]["work_dir"] = target.work_dir
@@ -343,16 +348,20 @@ class LabRun:
             self.progress(f"cleanup: ended {len(ended)} leftover process(es) of crashed runs")
 
     def _mark_active(self) -> None:
-        """The marker that tells cleanup this run is alive while its lifeline process is."""
-        pid = self.target.lifeline_pid()
+        """Create the run folder on the target and, beside it, the marker that tells cleanup
+        this run is alive while its lifeline process is (one command: over SSH each is a
+        round trip)."""
+        target = self.target
+        pid = target.lifeline_pid()
         if pid is None:
+            target.run(["mkdir", "-p", "--", self.remote_dir])
             return
-        marker = self.run_dir / ".active"
-        marker.write_text(json.dumps({"pid": pid, "run_dir": self.remote_dir}))
-        self.active_marker = self.target.join(self.target.work_dir, "active", self.run_id)
-        self.target.run(["mkdir", "-p", "--", self.target.join(self.target.work_dir, "active")])
-        self.target.put(marker, self.active_marker)
-        marker.unlink()
+        self.active_marker = target.join(target.work_dir, "active", self.run_id)
+        target.run(
+            ["sh", "-c", 'mkdir -p -- "$1" "$2" && printf %s "$3" > "$4"', "sh",
+             self.remote_dir, target.join(target.work_dir, "active"),
+             json.dumps({"pid": pid, "run_dir": self.remote_dir}), self.active_marker],
+        )  # fmt: skip
 
     def _port_holder(self, port: int, facts: dict[str, Any] | None) -> str | None:
         if facts is not None:
@@ -380,14 +389,13 @@ class LabRun:
         self.manifest["go_client"] = dict(build)
 
     def _start_observers(self, tracer: Tracer | None, facts: dict[str, Any]) -> None:
-        """trace_pipe reader, thread sampler and tracer; returns once probes are attached."""
+        """trace_pipe reader, thread sampler and tracer; returns once the reader holds
+        trace_pipe and the tracer is started (`_wait_attached` waits for its probes)."""
         target = self.target
         if tracer is not None:
             self.progress("capture: opening trace_pipe")
             self.capture = TracePipeCapture(target, self.remote_dir, self.kit_dir)
             self.started.add(self.capture.start(self._env("capture", "capture")), "capture")
-            self.manifest["trace_clock"] = self.capture.clock
-            self.manifest["tracefs"] = self.capture.state
         sampler = self._python(
             "sampler", "sampler", "thread_sampler.py",
             "--run-id", self.run_id, "--out", self._remote("threads.jsonl"),
@@ -402,6 +410,12 @@ class LabRun:
         if self.tracer_name == "system-probe":
             self._start_sysprobe_fetch()
         if tracer is not None:
+            # The reader empties the trace buffer before it opens trace_pipe: the tracer starts
+            # after that, so nothing it prints is lost.
+            assert self.capture is not None
+            self.capture.wait_ready()
+            self.manifest["trace_clock"] = self.capture.clock
+            self.manifest["tracefs"] = self.capture.state
             self.progress(f"tracer {tracer.name}: starting, waiting for probes to attach")
             ctx = TracerContext(
                 run_id=self.run_id,
@@ -414,14 +428,20 @@ class LabRun:
             )
             proc = self.started.add(tracer.start(target, ctx), "tracer")
             self._save_manifest()
-            t0 = time.monotonic()
-            assert self.capture is not None
-            self.capture.wait_ready()
-            tracer.wait_attached(target, ctx, proc, ATTACH_TIMEOUT, self.abort)
-            self.manifest["tracer_attached_mono"] = tracer.attached_mono
-            self.manifest["tracer_attached"] = getattr(tracer, "attached_summary", None)
-            self.progress(f"tracer {tracer.name}: attached in {time.monotonic() - t0:.1f} s")
+            self._attaching = (tracer, ctx, proc, time.monotonic())
         self._lap("observers")
+
+    def _wait_attached(self) -> None:
+        """Return once the tracer started by `_start_observers` has its probes attached."""
+        if self._attaching is None:
+            return
+        tracer, ctx, proc, t0 = self._attaching
+        self._attaching = None
+        tracer.wait_attached(self.target, ctx, proc, ATTACH_TIMEOUT, self.abort)
+        self.manifest["tracer_attached_mono"] = tracer.attached_mono
+        self.manifest["tracer_attached"] = getattr(tracer, "attached_summary", None)
+        self.progress(f"tracer {tracer.name}: attached in {time.monotonic() - t0:.1f} s")
+        self._lap("attach")
 
     def _start_sysprobe_fetch(self) -> None:
         """system-probe already runs on the target: collect its stats, start no tracer."""
@@ -554,7 +574,7 @@ class LabRun:
         restart_due = started + params.restart_after if params.restart else None
         last = started
         while True:
-            codes = [self.target.poll(c) for c in self.clients]
+            codes = self.target.poll_many(self.clients)
             if all(code is not None for code in codes):
                 break
             self._check_abort()
@@ -623,14 +643,26 @@ class LabRun:
         if self.abort.is_set():
             raise KeyboardInterrupt
 
-    def _teardown(self) -> None:
+    def _teardown(self, traffic_ended: bool = False) -> None:
         """Stop clients, then servers, then the observers together, then the trace reader.
 
         Every stage is attempted whatever the others do; the reader goes last so it keeps
-        every line the tracer wrote up to its exit.
+        every line the tracer wrote up to its exit. When the clients ended on their own and
+        the tracer prints at each probe hit (`stops_early`), nothing it could still print
+        concerns the lab: it is told to stop with the clients and waited for last, so its
+        exit (kernel uprobe teardown) overlaps the other stages.
         """
+        late: list[BackgroundProcess] = []
+        if traffic_ended and self.tracer is not None and self.tracer.stops_early:
+            late = [p for p, role in self.started.procs if role == "tracer"]
         for stage in sorted({STOP_STAGE[role] for _, role in self.started.procs}):
-            procs = [p for p, role in reversed(self.started.procs) if STOP_STAGE[role] == stage]
+            procs = [
+                p
+                for p, role in reversed(self.started.procs)
+                if STOP_STAGE[role] == stage and p not in late
+            ]
+            if not procs:
+                continue
             try:
                 if procs[0].name == "capture" and self.capture is not None:
                     self.capture.stop()
@@ -641,6 +673,15 @@ class LabRun:
             except Exception as exc:  # noqa: BLE001 - one failed stop must not skip the others
                 names = ", ".join(f"{p.name} (pid {p.pid})" for p in procs)
                 self.progress(f"warning: could not stop {names}: {exc}")
+            if stage == STOP_STAGE["client"]:
+                for proc in late:
+                    with contextlib.suppress(Exception):
+                        self.target.signal_group(proc, signal.SIGINT)
+        if late:
+            try:
+                self.target.stop_many(late)
+            except Exception as exc:  # noqa: BLE001 - reported like any other stage
+                self.progress(f"warning: could not stop the tracer: {exc}")
         if self.capture is not None and self.capture.proc is None:
             self.capture.stop()  # prepared tracefs but the reader never started
         if self.nat is not None:

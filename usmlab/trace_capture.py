@@ -7,6 +7,7 @@ run changes (buffer size, clock) are put back afterwards, even after Ctrl-C.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -29,26 +30,13 @@ class TracePipeCapture:
         self.proc: BackgroundProcess | None = None
 
     def start(self, env: dict[str, str]) -> BackgroundProcess:
-        """Prepare tracefs (emptying its buffer) and start the reader of trace_pipe.
-
-        Whatever is written after the buffer was emptied is kept, so a tracer may start while
-        the reader is still opening; wait_ready() says when it holds trace_pipe.
-        """
-        tracefs = self.target.join(self.kit_dir, "tracefs.py")
-        result = self.target.run(
-            ["python3", tracefs, "prepare", "--state", self.state_file,
-             "--buffer-kb", str(BUFFER_KB), "--clock", "mono"],
-            sudo=True,
-            check=False,
-        )  # fmt: skip
-        if not result.ok:
-            message = result.stderr.strip().splitlines()[-1:] or [f"exit {result.exit_code}"]
-            raise UsmlabError(message[0].removeprefix("error: "))
-        self.state = json.loads(result.stdout)
+        """Start the reader, which prepares tracefs (emptying its buffer) before it opens
+        trace_pipe and restores it when it ends; wait_ready() says when it holds trace_pipe."""
         reader = self.target.join(self.kit_dir, "trace_reader.py")
         argv = [
             "env", *(f"{k}={v}" for k, v in env.items()),
-            "python3", reader, self.state["trace_pipe"], "--out", self.log,
+            "python3", reader, "--out", self.log, "--prepare", self.state_file,
+            "--buffer-kb", str(BUFFER_KB), "--clock", "mono",
         ]  # fmt: skip
         self.proc = self.target.start(
             argv, name="capture", stdout_path=self.target.join(self.run_dir, "capture.log"),
@@ -60,22 +48,30 @@ class TracePipeCapture:
         """Return once the reader holds trace_pipe; a one-line error if it cannot."""
         assert self.proc is not None
         deadline = time.monotonic() + timeout
-        while "reading" not in self.target.read_text(self.proc.stdout_path):
+        while True:
+            lines = self.target.read_text(self.proc.stdout_path).splitlines()
+            for line in lines:
+                if line.startswith("{") and not self.state:
+                    with contextlib.suppress(ValueError):
+                        self.state = json.loads(line)
+            if "reading" in lines:
+                return
             code = self.target.poll(self.proc)
             if code is not None or time.monotonic() > deadline:
-                lines = self.target.read_text(self.proc.stdout_path).strip().splitlines()
+                lines = [line for line in lines if line.strip()]
                 reason = lines[-1].removeprefix("error: ") if lines else f"exit status {code}"
                 raise UsmlabError(f"cannot read trace_pipe: {reason}")
             time.sleep(0.02)
 
     def stop(self) -> None:
-        """Stop the reader, then restore tracefs; each half runs even if the other fails."""
+        """Stop the reader (SIGTERM: it drains what is buffered, restores tracefs and exits 0);
+        when it could not restore, restore from its state file here."""
+        code = None
         try:
             if self.proc is not None:
-                # SIGTERM makes the reader drain what is still buffered, then exit.
-                self.target.stop(self.proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
+                code = self.target.stop(self.proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
         finally:
-            if self.state:
+            if code != 0:  # also when it never started: restoring nothing is a no-op
                 tracefs = self.target.join(self.kit_dir, "tracefs.py")
                 self.target.run(
                     ["python3", tracefs, "restore", "--state", self.state_file],

@@ -34,6 +34,49 @@ def mapped_libraries(pid="self", pattern=r"/libssl[^/]*\.so"):
     return found
 
 
+def elf_functions(path, pattern=r"SSL_(read|write)(_ex)?"):
+    """Names matching pattern that an ELF shared library defines as functions in its dynamic
+    symbol table (what a uprobe can attach to by name); None when the file is not readable
+    ELF. Read here rather than with `bpftrace -l`, which costs a process start as root."""
+    import struct
+
+    try:
+        with open(path, "rb") as handle:
+            data = handle.read()
+        if data[:4] != b"\x7fELF" or data[4] not in (1, 2) or data[5] not in (1, 2):
+            return None
+        end = "<" if data[5] == 1 else ">"
+        if data[4] == 2:
+            (shoff,) = struct.unpack_from(end + "Q", data, 0x28)
+            shentsize, shnum = struct.unpack_from(end + "HH", data, 0x3A)
+            section, symbol = end + "IIQQQQIIQQ", end + "IBBHQQ"
+            name_info_shndx = (0, 1, 3)
+        else:
+            (shoff,) = struct.unpack_from(end + "I", data, 0x20)
+            shentsize, shnum = struct.unpack_from(end + "HH", data, 0x2E)
+            section, symbol = end + "IIIIIIIIII", end + "IIIBBH"
+            name_info_shndx = (0, 3, 5)
+        headers = [struct.unpack_from(section, data, shoff + i * shentsize) for i in range(shnum)]
+        found = set()
+        for header in headers:
+            if header[1] != 11:  # SHT_DYNSYM
+                continue
+            offset, size, link, entsize = header[4], header[5], header[6], header[9]
+            strings = headers[link][4]
+            for at in range(offset, offset + size, entsize or struct.calcsize(symbol)):
+                fields = struct.unpack_from(symbol, data, at)
+                name_at, info, shndx = (fields[i] for i in name_info_shndx)
+                if shndx == 0 or (info & 0xF) not in (2, 10):  # undefined; not FUNC/IFUNC
+                    continue
+                start = strings + name_at
+                name = data[start : data.index(b"\0", start)].decode("ascii", "replace")
+                if re.fullmatch(pattern, name):
+                    found.add(name)
+        return sorted(found)
+    except (OSError, struct.error, IndexError, ValueError):
+        return None
+
+
 def tool_version(argv):
     if shutil.which(argv[0]) is None:
         return None
@@ -66,6 +109,7 @@ def info(args):
         "python_executable": sys.executable,
         "openssl": ssl.OPENSSL_VERSION,
         "libssl": mapped_libraries(),
+        "libssl_functions": {lib: elf_functions(lib) for lib in mapped_libraries()},
         "euid": os.geteuid(),
         "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
         "tracefs": tracefs,

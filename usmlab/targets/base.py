@@ -167,17 +167,28 @@ class Target(ABC):
         sequence: Sequence[tuple[signal.Signals, float]] = STOP_SEQUENCE,
     ) -> list[int | None]:
         """Stop several process groups at once: each step signals all, then waits for all."""
-        running = [p for p in procs if self.poll(p) is None]
+        running = self._still_running(procs)
         for sig, grace in sequence:
             if not running:
                 break
-            for proc in running:
-                self.signal_group(proc, sig)
+            self.signal_many(running, sig)
             deadline = time.monotonic() + grace
             while running and time.monotonic() < deadline:
                 time.sleep(0.02)
-                running = [p for p in running if self.poll(p) is None]
+                running = self._still_running(running)
         return [p.exit_code for p in procs]
+
+    def _still_running(self, procs: Sequence[BackgroundProcess]) -> list[BackgroundProcess]:
+        return [p for p, code in zip(procs, self.poll_many(procs), strict=True) if code is None]
+
+    def poll_many(self, procs: Sequence[BackgroundProcess]) -> list[int | None]:
+        """`poll` for several processes; remote transports answer in one round trip."""
+        return [self.poll(p) for p in procs]
+
+    def signal_many(self, procs: Sequence[BackgroundProcess], sig: signal.Signals) -> None:
+        """`signal_group` for several processes; remote transports send them at once."""
+        for proc in procs:
+            self.signal_group(proc, sig)
 
     def join(self, *parts: str) -> str:
         """Join target paths (targets are POSIX)."""
@@ -193,17 +204,19 @@ class Target(ABC):
         return sorted(line for line in found.stdout.splitlines() if line)
 
     def file_hashes(self, remote_dir: str) -> dict[str, str]:
-        """sha256 of every file under remote_dir, computed on the target."""
-        names = self.list_files(remote_dir)
-        if not names:
-            return {}
-        paths = [self.join(remote_dir, n) for n in names]
-        listing = self.run(["sha256sum", "--", *paths], sudo=True, timeout=300).stdout
+        """sha256 of every file under remote_dir, computed on the target in one command."""
+        listing = self.run(
+            ["sh", "-c", 'cd -- "$1" && find . -type f -print0 | xargs -0r sha256sum --', "sh",
+             remote_dir],
+            sudo=True,
+            timeout=300,
+        ).stdout  # fmt: skip
         digests = {}
         for line in listing.splitlines():
             digest, _, path = line.partition("  ")
-            digests[path] = digest
-        return {n: digests[p] for n, p in zip(names, paths, strict=True) if p in digests}
+            if path.startswith("./") and len(digest) == 64:  # `\`-escaped odd names are skipped
+                digests[path[2:]] = digest
+        return dict(sorted(digests.items()))
 
     def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
         """Copy every file of a remote folder into local_dir, verified by sha256.
@@ -227,10 +240,13 @@ class Target(ABC):
 
     def sync(self, files: Mapping[str, Path], remote_dir: str) -> list[str]:
         """Upload files whose content differs on the target; returns the names uploaded."""
-        self.run(["mkdir", "-p", "--", remote_dir])
         names = sorted(files)
         remote_paths = [self.join(remote_dir, n) for n in names]
-        listing = self.run(["sha256sum", "--", *remote_paths], check=False).stdout
+        listing = self.run(
+            ["sh", "-c", 'mkdir -p -- "$1" && shift && sha256sum -- "$@"', "sh", remote_dir,
+             *remote_paths],
+            check=False,
+        ).stdout  # fmt: skip
         remote_hashes = {}
         for line in listing.splitlines():
             digest, _, path = line.partition("  ")

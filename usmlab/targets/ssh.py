@@ -35,11 +35,13 @@ import re
 import shlex
 import signal
 import socket
+import threading
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
+from typing import Any
 from urllib.parse import urlsplit
 
 import paramiko
@@ -68,13 +70,18 @@ _MKDIRS_THEN = 'mkdir -p -- "$1" "$2" && shift 2 && exec "$@"'
 # launcher can append to it even when the lease itself runs through sudo.
 _LEASE_THEN = 'mkdir -p -- "$1" && f=$(mktemp "$1/.lease.XXXXXX") && shift && exec "$@" "$f"'
 
-# poll(): the exit file if written, else whether the wrapper still lives (zombies do not count).
-_POLL = (
-    'cat -- "$1" 2>/dev/null && exit 0; '
-    'if s=$(cat "/proc/$2/stat" 2>/dev/null); then s=${s##*) }; '
-    "case $s in Z*|X*) ;; *) echo running; exit 0;; esac; fi; "
-    'cat -- "$1" 2>/dev/null || echo gone'
+# Each (exit file, process group) pair in turn, one line each: the exit file's text once it
+# exists, else `running` while the group leader is alive, else `gone`.
+_POLL_MANY = (
+    'while [ "$#" -ge 2 ]; do '
+    'if c=$(cat -- "$1" 2>/dev/null); then echo "$c"; '
+    'elif s=$(cat "/proc/$2/stat" 2>/dev/null) && s=${s##*) } && '
+    "case $s in Z*|X*) false;; *) true;; esac; then echo running; "
+    'else c=$(cat -- "$1" 2>/dev/null) && echo "$c" || echo gone; fi; '
+    "shift 2; done"
 )
+
+LEASE_ANSWER_TIMEOUT = 10.0
 
 _SH_PROFILE = (
     '[ -r /etc/profile ] && . /etc/profile; [ -r "$HOME/.profile" ] && . "$HOME/.profile"; '
@@ -189,10 +196,37 @@ class Lease:
     channel: paramiko.Channel
     pid: int
     list_path: str
+    root: bool = False  # whether it may signal processes started through sudo
+    answering: bool = True  # false after a lost answer: requests would read the wrong line
+    pending: bytes = b""  # what was read past the last answer line
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def alive(self) -> bool:
         return not self.channel.closed and not self.channel.exit_status_ready()
+
+    def ask(self, request: dict[str, Any]) -> Any | None:
+        """The lease's answer to one request (kit/lease.py), or None when it cannot answer:
+        the caller then runs a command instead."""
+        if not self.answering or not self.alive:
+            return None
+        with self.lock:
+            try:
+                self.channel.settimeout(LEASE_ANSWER_TIMEOUT)
+                self.channel.sendall(json.dumps(request).encode() + b"\n")
+                while b"\n" not in self.pending:
+                    chunk = self.channel.recv(1 << 16)
+                    if not chunk:
+                        raise EOFError
+                    self.pending += chunk
+                line, _, self.pending = self.pending.partition(b"\n")
+                return json.loads(line)
+            except (OSError, EOFError, ValueError, paramiko.SSHException):
+                self.answering = False
+                return None
+            finally:
+                with contextlib.suppress(OSError, paramiko.SSHException):
+                    self.channel.settimeout(None)
 
 
 class SshTarget(Target):
@@ -489,18 +523,67 @@ class SshTarget(Target):
         )
 
     def poll(self, proc: BackgroundProcess) -> int | None:
-        if proc.exit_code is not None:
-            return proc.exit_code
-        argv = ["sh", "-c", _POLL, "sh", exit_file_for(proc.stdout_path), str(proc.pgid)]
-        answer = self.run(argv, sudo=proc.sudo, check=False).stdout.strip()
-        if answer == "running":
-            return None
-        code = int(answer) if re.fullmatch(r"-?\d+", answer) else -1
-        proc.exit_code = code
-        return code
+        return self.poll_many([proc])[0]
+
+    @staticmethod
+    def _note_exit(proc: BackgroundProcess, answer: str) -> None:
+        """Record a poll answer: an exit status, `running`, or anything else (gone: -1)."""
+        answer = answer.strip()
+        if answer != "running":
+            proc.exit_code = int(answer) if re.fullmatch(r"-?\d+", answer) else -1
 
     def signal_group(self, proc: BackgroundProcess, sig: signal.Signals) -> None:
-        self.run(["kill", f"-{sig.name[3:]}", "--", f"-{proc.pgid}"], sudo=proc.sudo, check=False)
+        self.signal_many([proc], sig)
+
+    def can_sudo(self) -> bool:
+        """Root needs no sudo: answered from the connection's facts, no round trip."""
+        return self._remote().is_root or super().can_sudo()
+
+    def poll_many(self, procs: Sequence[BackgroundProcess]) -> list[int | None]:
+        """Asked of the lease when it answers (milliseconds), else one command per sudo
+        setting: a teardown polls every 20 ms and a command costs a session."""
+        pending = [p for p in procs if p.exit_code is None]
+        lease = self._lease
+        if pending and lease is not None:
+            answers = lease.ask(
+                {"op": "poll", "procs": [[exit_file_for(p.stdout_path), p.pgid] for p in pending]}
+            )
+            if isinstance(answers, list) and len(answers) == len(pending):
+                for proc, answer in zip(pending, answers, strict=True):
+                    self._note_exit(proc, str(answer))
+                pending = []
+        for sudo in (False, True):
+            group = [p for p in pending if p.sudo == sudo]
+            if not group:
+                continue
+            words = ["sh", "-c", _POLL_MANY, "sh"]
+            for proc in group:
+                words += [exit_file_for(proc.stdout_path), str(proc.pgid)]
+            answers = self.run(words, sudo=sudo, check=False).stdout.split("\n")
+            for proc, answer in zip(group, answers, strict=False):
+                self._note_exit(proc, answer)
+        return [p.exit_code for p in procs]
+
+    def signal_many(self, procs: Sequence[BackgroundProcess], sig: signal.Signals) -> None:
+        lease = self._lease
+        if (
+            lease is not None
+            and all(lease.root or not p.sudo for p in procs)
+            and lease.ask({"op": "kill", "sig": int(sig), "pgids": [p.pgid for p in procs]})
+        ):
+            return
+        for sudo in (False, True):
+            groups = [f"-{p.pgid}" for p in procs if p.sudo == sudo]
+            if groups:
+                self.run(["kill", f"-{sig.name[3:]}", "--", *groups], sudo=sudo, check=False)
+
+    def read_text(self, remote: str, sudo: bool = False) -> str:
+        lease = self._lease
+        if lease is not None and (lease.root or not sudo):
+            answer = lease.ask({"op": "read", "path": remote})
+            if isinstance(answer, dict) and isinstance(answer.get("text"), str):
+                return answer["text"]
+        return super().read_text(remote, sudo=sudo)
 
     # The lease.
 
@@ -519,7 +602,13 @@ class SshTarget(Target):
             lease = None
             if not facts.is_root and facts.sudo is not None:
                 lease = self._open_lease(["sudo", "-n", "--"])
-            self._lease = lease or self._open_lease([])
+            if lease is None:
+                lease = self._open_lease([])
+                assert lease is not None  # without sudo words it starts or raises
+                lease.root = facts.is_root
+            else:
+                lease.root = True
+            self._lease = lease
         return self._lease
 
     def _open_lease(self, sudo_words: list[str]) -> Lease | None:

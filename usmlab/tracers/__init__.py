@@ -35,6 +35,10 @@ class Tracer(ABC):
     name: str = "abstract"
     log_name: str = "tracer.log"
     attached_mono: float | None = None  # target CLOCK_MONOTONIC when probes were attached
+    # Whether the tracer may be told to stop as soon as the traffic has ended, its exit then
+    # overlapping the rest of the teardown: true when everything it reports is written at the
+    # moment of the probe hit (bpf_trace_printk), false when it may still flush buffered events.
+    stops_early: bool = False
 
     @abstractmethod
     def start(self, target: Target, ctx: TracerContext) -> BackgroundProcess:
