@@ -353,6 +353,42 @@ def test_background_process_is_detached_and_its_exit_status_recorded(
     assert target.read_text(out + ".exit") == "7\n"
 
 
+def test_polls_kills_and_reads_agree_with_and_without_the_lease(
+    fresh_target: SshTarget, run_dir: str
+) -> None:
+    """The lease answers polls, signals and reads in one round trip; when it cannot answer,
+    the same questions go as commands and get the same answers."""
+    sleepers = [
+        fresh_target.start(
+            ["sleep", "30"], name=f"s{i}", stdout_path=fresh_target.join(run_dir, f"s{i}.log")
+        )
+        for i in range(2)
+    ]
+    quick = fresh_target.start(
+        ["sh", "-c", "echo hi; exit 3"], name="q", stdout_path=fresh_target.join(run_dir, "q.log")
+    )
+    assert fresh_target.wait(quick, 10) == 3
+    lease = fresh_target._lease
+    assert lease is not None and lease.answering
+    assert fresh_target.poll_many([*sleepers, quick]) == [None, None, 3]
+    assert fresh_target.read_text(quick.stdout_path) == "hi\n"
+    with pytest.raises(UsmlabError, match="cannot read"):
+        fresh_target.read_text(fresh_target.join(run_dir, "never-written.log"))
+    assert lease.answering  # all of that was answered by the lease
+
+    fresh_target.signal_many([sleepers[0]], signal.SIGTERM)
+    assert wait_until(lambda: not group_alive(sleepers[0].pgid), 10)
+    assert fresh_target.wait(sleepers[0], 10) == -signal.SIGTERM  # like Popen.returncode
+
+    lease.answering = False  # from here on: commands only
+    sleepers[0].exit_code = None  # asked again, from the exit file
+    assert fresh_target.poll_many(sleepers) == [-signal.SIGTERM, None]
+    assert fresh_target.read_text(quick.stdout_path) == "hi\n"
+    fresh_target.signal_many([sleepers[1]], signal.SIGKILL)
+    assert wait_until(lambda: not group_alive(sleepers[1].pgid), 10)
+    assert fresh_target.wait(sleepers[1], 10) is not None
+
+
 def test_sigint_to_the_group_reaches_the_command(
     target: SshTarget, run_dir: str, tmp_path: Path
 ) -> None:

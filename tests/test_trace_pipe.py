@@ -9,7 +9,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from usmlab.analysis.messages import KINDS, TlsEvent, UsmEvent, classify, usm_fields
+from usmlab.analysis.messages import (
+    KINDS,
+    TlsEvent,
+    UsmEvent,
+    classify,
+    shared_event,
+    usm_fields,
+)
 from usmlab.analysis.trace_pipe import (
     LostEvents,
     ParseStats,
@@ -419,3 +426,28 @@ def test_generated_headers_round_trip(
         assert (record.tid, record.cpu, record.message) == (tid, cpu, message)
         assert record.ts == float(f"{secs}.{micros:06d}")
         assert record.comm == comm.strip()
+
+
+_USM_LABELS = [
+    "http_begin_request", "http_begin_response", "kprobe/tcp_sendmsg", "http event enqueued",
+    "http2 batch flushed", "terminated_http2 enqueue error", "http_process", "http2 event",
+]  # fmt: skip
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    st.sampled_from(_USM_LABELS),
+    st.sampled_from([":", ": ", " ", ""]),
+    st.text(max_size=60) | st.sampled_from([" /api/v1/pods", " sk=/server8443/x", " cpu: 0"]),
+)
+def test_usm_printks_read_from_bytes_get_the_same_class_as_from_text(
+    label: str, sep: str, tail: str
+) -> None:
+    """The scanner recognises USM's fixed formats from raw bytes, outside its cache: that
+    shortcut must never disagree with the full classifier (a lab path anywhere wins)."""
+    message = label + sep + tail
+    shortcut = shared_event(message.encode())
+    if shortcut is not None:
+        assert shortcut == classify(message)
+    if "/api/" in message or "/server" in message:
+        assert shortcut is None and classify(message).path is not None

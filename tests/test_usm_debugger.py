@@ -59,6 +59,9 @@ def test_a_run_with_the_double_attributes_events_and_stops_it_before_the_reader(
     first_request = min(r["start_mono"] for r in read_jsonl(run_dir / "client.jsonl"))
     assert manifest["tracer_attached_mono"] is not None
     assert manifest["tracer_attached_mono"] < first_request
+    # USM finds processes as they load libssl: the server starts only after the attach.
+    said = done.stderr
+    assert said.index("tracer usm-debugger: attached") < said.index("server: ready")
 
     assert (run_dir / "tracer.log").read_text().startswith("usm-debugger TEST DOUBLE")
     # The double was stopped (SIGINT first) while the reader still ran: its last line is there.

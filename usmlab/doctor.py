@@ -75,8 +75,9 @@ def run_doctor(
     kit_dir = kit_dir or target.join(target.work_dir, "kit")
     target.sync(kit_files(), kit_dir)
     facts: dict[str, Any] = json.loads(
-        target.run(["python3", target.join(kit_dir, "probe.py"), "info"]).stdout
+        target.run(target.python(target.join(kit_dir, "probe.py"), "info")).stdout
     )
+    target.use_python(facts.get("python_executable"))
     root = _can_root(target, facts)
     checks = [
         _root_check(facts, root),
@@ -191,7 +192,7 @@ def _usm_debugger_checks(target: Target, kit_dir: str, root: bool, path: str | N
     names = [PROCESS_NAME]
     if path:
         names.append(path.rstrip("/").rsplit("/", 1)[-1])
-    argv = ["python3", target.join(kit_dir, "bpf_attached.py")]
+    argv = target.python(target.join(kit_dir, "bpf_attached.py"))
     for name in dict.fromkeys(n[:15] for n in names):
         argv += ["--name", name]
     done = target.run(argv, sudo=root, check=False)
@@ -277,7 +278,7 @@ def _trace_pipe_check(target: Target, kit_dir: str, root: bool) -> Check:
     hint = "sudo cat /sys/kernel/tracing/trace_pipe"
     if not root:
         return Check(name, None, "skipped: reading trace_pipe needs root", hint)
-    done = target.run(["python3", "-c", _TRACE_PIPE_PROBE, kit_dir], sudo=True, check=False)
+    done = target.run(target.python("-c", _TRACE_PIPE_PROBE, kit_dir), sudo=True, check=False)
     try:
         state: dict[str, Any] = json.loads(done.stdout)
     except ValueError:
@@ -312,7 +313,7 @@ def _server_checks(target: Target, kit_dir: str, host: str, port: int, url: str)
     server on the port; `usmlab test` wants it free. Whichever holds passes, the other is SKIP
     with the remedy, so neither state shows as a failure of the machine."""
     probe_py = target.join(kit_dir, "probe.py")
-    probe = target.run(["python3", probe_py, "port", str(port)], check=False)
+    probe = target.run(target.python(probe_py, "port", str(port)), check=False)
     listening = f"server listening on port {port}"
     free = f"port {port} free"
     if probe.exit_code == 0:
@@ -328,7 +329,7 @@ def _server_checks(target: Target, kit_dir: str, host: str, port: int, url: str)
         ]
     holder = probe.stdout.strip() or f"port {port} is in use"
     handshake = target.run(
-        ["python3", target.join(kit_dir, "client.py"), "--check", "-url", url,
+        [*target.python(target.join(kit_dir, "client.py")), "--check", "-url", url,
          "--timeout", f"{HANDSHAKE_TIMEOUT:g}"],
         check=False,
         timeout=HANDSHAKE_TIMEOUT + 30,

@@ -17,7 +17,7 @@ def clean_target(target: Target, run_id: str | None = None, deploy: bool = True)
     kit_dir = target.join(target.work_dir, "kit")
     if deploy:
         target.sync(kit_files(), kit_dir)
-    argv = ["python3", target.join(kit_dir, "cleanup.py"), "--work-dir", target.work_dir]
+    argv = target.python(target.join(kit_dir, "cleanup.py"), "--work-dir", target.work_dir)
     if run_id:
         argv += ["--run-id", run_id]
     result = target.run(argv, sudo=target.can_sudo(), check=False)

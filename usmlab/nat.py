@@ -83,7 +83,7 @@ class NatRule:
         state_path = target.join(run_dir, STATE_NAME)
         owner = owner_pid if owner_pid is not None else target.lifeline_pid()
         argv = [
-            "python3",
+            *target.python(),
             target.join(kit_dir, "nat.py"),
             "add",
             "--state",
@@ -115,7 +115,7 @@ class NatRule:
         """Delete the rule; True if this call deleted it, False if it was already gone."""
         if self.removed:
             return False
-        argv = ["python3", self.target.join(self.kit_dir, "nat.py"), "remove"]
+        argv = self.target.python(self.target.join(self.kit_dir, "nat.py"), "remove")
         result = self.target.run([*argv, "--state", self.state_path], sudo=True, check=False)
         if not result.ok:
             raise _kit_failure(f"cannot remove the NAT rule for {self.vip}", result)
@@ -150,7 +150,7 @@ def _entry(data: dict[str, Any]) -> NatLeftover:
 def leftover_tables(target: Target, kit_dir: str | None = None) -> list[NatLeftover]:
     """Every usmlab NAT entry on the target, live or not (the kit must be deployed)."""
     kit = kit_dir or default_kit_dir(target)
-    result = target.run(["python3", target.join(kit, "nat.py"), "list"], sudo=True, check=False)
+    result = target.run(target.python(target.join(kit, "nat.py"), "list"), sudo=True, check=False)
     if not result.ok:
         raise _kit_failure("cannot list NAT rules", result)
     return [_entry(item) for item in _json_lines(result.stdout)]
@@ -165,7 +165,7 @@ def remove_leftovers(
     of another work dir, or one started after the caller listed its live runs).
     """
     kit = kit_dir or default_kit_dir(target)
-    argv = ["python3", target.join(kit, "nat.py"), "purge"]
+    argv = target.python(target.join(kit, "nat.py"), "purge")
     for run_id in sorted(set(live_run_ids)):
         argv += ["--keep", run_id]
     result = target.run(argv, sudo=True, check=False)
@@ -176,7 +176,7 @@ def remove_leftovers(
 
 def ephemeral_ports(target: Target, kit_dir: str, count: int, host: str = "127.0.0.1") -> list[int]:
     """`count` distinct free TCP ports on the target's loopback, inside its ephemeral range."""
-    argv = ["python3", target.join(kit_dir, "ports.py"), "ephemeral", "--host", host]
+    argv = target.python(target.join(kit_dir, "ports.py"), "ephemeral", "--host", host)
     result = target.run([*argv, "--count", str(count)], check=False)
     if not result.ok:
         raise _kit_failure("cannot pick a port in the ephemeral range", result)

@@ -201,7 +201,11 @@ class LabRun:
 
     def _python(self, name: str, role: str, script: str, *args: str) -> list[str]:
         env = self._env(name, role)
-        return ["env", *(f"{k}={v}" for k, v in env.items()), "python3", self._kit(script), *args]
+        return [
+            "env",
+            *(f"{k}={v}" for k, v in env.items()),
+            *self.target.python(self._kit(script), *args),
+        ]
 
     def _save_manifest(self) -> None:
         self.manifest["processes"] = [
@@ -297,14 +301,27 @@ class LabRun:
             self.progress(f"traffic: running {params.preexisting:g} s before the tracer attaches")
             self._sleep(params.preexisting)
             self._start_observers(tracer, facts)
+            self._wait_capture()
             self._wait_attached()
-        else:
-            # The seed's order: the server starts while the tracer loads its probes (bpftrace
-            # compiles and attaches for ~0.3 s); traffic still waits for the attach.
+        elif tracer is None or tracer.traces_running_processes:
+            # The server starts while the reader opens trace_pipe and the tracer loads its
+            # probes (bpftrace compiles and attaches for ~0.2 s): its uprobes cover running
+            # processes, and the readiness check is a bare TLS handshake, no HTTP to capture.
+            # Traffic waits for both.
             self._start_observers(tracer, facts)
             self._start_servers()
             self._lap("server")
+            self._wait_capture()
             self._wait_attached()
+            self._start_clients()
+        else:
+            # The seed's order: a tracer that finds processes as they start must be attached
+            # before the server starts (field notes §1).
+            self._start_observers(tracer, facts)
+            self._wait_capture()
+            self._wait_attached()
+            self._start_servers()
+            self._lap("server")
             self._start_clients()
         self._drive_traffic()
         self._lap("client")
@@ -326,9 +343,12 @@ class LabRun:
         self.manifest["target"]["work_dir"] = target.work_dir
         self._clean_leftovers()
         self._mark_active()
-        probe = ["python3", self._kit("probe.py"), "info", "--port", str(self.params.port)]
+        probe = target.python(self._kit("probe.py"), "info", "--port", str(self.params.port))
         facts: dict[str, Any] = json.loads(target.run(probe).stdout)
         facts["local_run_dir"] = str(self.run_dir)
+        # Every later kit script runs on the interpreter the probe ran on, named by its path:
+        # the workloads then map the libssl the probe saw, under sudo too.
+        target.use_python(facts.get("python_executable"))
         self.manifest["target"].update(
             host=facts["hostname"],
             kernel=facts["kernel"],
@@ -366,7 +386,9 @@ class LabRun:
     def _port_holder(self, port: int, facts: dict[str, Any] | None) -> str | None:
         if facts is not None:
             return facts.get("port_in_use")
-        result = self.target.run(["python3", self._kit("probe.py"), "port", str(port)], check=False)
+        result = self.target.run(
+            self.target.python(self._kit("probe.py"), "port", str(port)), check=False
+        )
         return (result.stdout.strip() or f"port {port} is in use") if result.exit_code else None
 
     def _plan_servers(self) -> None:
@@ -389,33 +411,16 @@ class LabRun:
         self.manifest["go_client"] = dict(build)
 
     def _start_observers(self, tracer: Tracer | None, facts: dict[str, Any]) -> None:
-        """trace_pipe reader, thread sampler and tracer; returns once the reader holds
-        trace_pipe and the tracer is started (`_wait_attached` waits for its probes)."""
+        """Start the trace_pipe reader, the tracer and the thread sampler; `_wait_capture`
+        and `_wait_attached` wait until the reader holds trace_pipe and the probes are in."""
         target = self.target
         if tracer is not None:
             self.progress("capture: opening trace_pipe")
             self.capture = TracePipeCapture(target, self.remote_dir, self.kit_dir)
             self.started.add(self.capture.start(self._env("capture", "capture")), "capture")
-        sampler = self._python(
-            "sampler", "sampler", "thread_sampler.py",
-            "--run-id", self.run_id, "--out", self._remote("threads.jsonl"),
-        )  # fmt: skip
-        self.started.add(
-            target.start(
-                sampler, name="sampler", stdout_path=self._remote("sampler.log"),
-                sudo=tracer is not None,
-            ),
-            "sampler",
-        )  # fmt: skip
-        if self.tracer_name == "system-probe":
-            self._start_sysprobe_fetch()
-        if tracer is not None:
-            # The reader empties the trace buffer before it opens trace_pipe: the tracer starts
-            # after that, so nothing it prints is lost.
-            assert self.capture is not None
-            self.capture.wait_ready()
-            self.manifest["trace_clock"] = self.capture.clock
-            self.manifest["tracefs"] = self.capture.state
+            # The tracer loads while the reader opens trace_pipe: the reader empties the trace
+            # buffer within milliseconds, long before any probe of a loading tracer can fire
+            # on lab traffic (no workload runs yet), and traffic waits for both.
             self.progress(f"tracer {tracer.name}: starting, waiting for probes to attach")
             ctx = TracerContext(
                 run_id=self.run_id,
@@ -429,7 +434,29 @@ class LabRun:
             proc = self.started.add(tracer.start(target, ctx), "tracer")
             self._save_manifest()
             self._attaching = (tracer, ctx, proc, time.monotonic())
+        sampler = self._python(
+            "sampler", "sampler", "thread_sampler.py",
+            "--run-id", self.run_id, "--out", self._remote("threads.jsonl"),
+        )  # fmt: skip
+        self.started.add(
+            target.start(
+                sampler, name="sampler", stdout_path=self._remote("sampler.log"),
+                sudo=tracer is not None,
+            ),
+            "sampler",
+        )  # fmt: skip
+        if self.tracer_name == "system-probe":
+            self._start_sysprobe_fetch()
         self._lap("observers")
+
+    def _wait_capture(self) -> None:
+        """Return once the reader started by `_start_observers` holds trace_pipe."""
+        if self.capture is None:
+            return
+        self.capture.wait_ready()
+        self.manifest["trace_clock"] = self.capture.clock
+        self.manifest["tracefs"] = self.capture.state
+        self._lap("capture")
 
     def _wait_attached(self) -> None:
         """Return once the tracer started by `_start_observers` has its probes attached."""
@@ -492,7 +519,7 @@ class LabRun:
         self._save_manifest()
         url = self._url(params.host, port)
         check = target.run(
-            ["python3", self._kit("client.py"), "--check", "-url", url,
+            [*target.python(self._kit("client.py")), "--check", "-url", url,
              "--timeout", str(READY_TIMEOUT)],
             check=False,
             timeout=READY_TIMEOUT + 10,
@@ -558,7 +585,7 @@ class LabRun:
         if params.client == "go":
             argv = ["env", *env, self.go_client or "", *flags]
         else:
-            argv = ["env", *env, "python3", self._kit("client.py"), *flags]
+            argv = ["env", *env, *self.target.python(self._kit("client.py"), *flags)]
         client = self.target.start(argv, name=name, stdout_path=self._remote(f"{name}.log"))
         self.started.add(client, "client")
         self._save_manifest()
@@ -649,23 +676,20 @@ class LabRun:
         Every stage is attempted whatever the others do; the reader goes last so it keeps
         every line the tracer wrote up to its exit. When the clients ended on their own and
         the tracer prints at each probe hit (`stops_early`), nothing it could still print
-        concerns the lab: it is told to stop with the clients and waited for last, so its
-        exit (kernel uprobe teardown) overlaps the other stages.
+        concerns the lab: it is told to stop together with the clients, so its exit (kernel
+        uprobe teardown, ~0.1 s a probe) runs while the servers and the sampler stop.
         """
-        late: list[BackgroundProcess] = []
+        early: list[BackgroundProcess] = []
         if traffic_ended and self.tracer is not None and self.tracer.stops_early:
-            late = [p for p, role in self.started.procs if role == "tracer"]
+            early = [p for p, role in self.started.procs if role == "tracer"]
         for stage in sorted({STOP_STAGE[role] for _, role in self.started.procs}):
-            procs = [
-                p
-                for p, role in reversed(self.started.procs)
-                if STOP_STAGE[role] == stage and p not in late
-            ]
-            if not procs:
-                continue
+            procs = [p for p, role in reversed(self.started.procs) if STOP_STAGE[role] == stage]
             try:
                 if procs[0].name == "capture" and self.capture is not None:
                     self.capture.stop()
+                    if self.capture.state:  # also when interrupted before it was ready
+                        self.manifest["trace_clock"] = self.capture.clock
+                        self.manifest["tracefs"] = self.capture.state
                 elif procs[0].name == "sysprobe-fetch":
                     self._finish_sysprobe_fetch()
                 else:
@@ -673,15 +697,9 @@ class LabRun:
             except Exception as exc:  # noqa: BLE001 - one failed stop must not skip the others
                 names = ", ".join(f"{p.name} (pid {p.pid})" for p in procs)
                 self.progress(f"warning: could not stop {names}: {exc}")
-            if stage == STOP_STAGE["client"]:
-                for proc in late:
-                    with contextlib.suppress(Exception):
-                        self.target.signal_group(proc, signal.SIGINT)
-        if late:
-            try:
-                self.target.stop_many(late)
-            except Exception as exc:  # noqa: BLE001 - reported like any other stage
-                self.progress(f"warning: could not stop the tracer: {exc}")
+            if stage == STOP_STAGE["client"] and early:
+                with contextlib.suppress(Exception):
+                    self.target.signal_many(early, signal.SIGINT)
         if self.capture is not None and self.capture.proc is None:
             self.capture.stop()  # prepared tracefs but the reader never started
         if self.nat is not None:

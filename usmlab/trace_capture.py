@@ -35,7 +35,7 @@ class TracePipeCapture:
         reader = self.target.join(self.kit_dir, "trace_reader.py")
         argv = [
             "env", *(f"{k}={v}" for k, v in env.items()),
-            "python3", reader, "--out", self.log, "--prepare", self.state_file,
+            *self.target.python(reader), "--out", self.log, "--prepare", self.state_file,
             "--buffer-kb", str(BUFFER_KB), "--clock", "mono",
         ]  # fmt: skip
         self.proc = self.target.start(
@@ -49,11 +49,7 @@ class TracePipeCapture:
         assert self.proc is not None
         deadline = time.monotonic() + timeout
         while True:
-            lines = self.target.read_text(self.proc.stdout_path).splitlines()
-            for line in lines:
-                if line.startswith("{") and not self.state:
-                    with contextlib.suppress(ValueError):
-                        self.state = json.loads(line)
+            lines = self._reader_lines()
             if "reading" in lines:
                 return
             code = self.target.poll(self.proc)
@@ -63,6 +59,16 @@ class TracePipeCapture:
                 raise UsmlabError(f"cannot read trace_pipe: {reason}")
             time.sleep(0.02)
 
+    def _reader_lines(self) -> list[str]:
+        """The reader's output so far; learns the tracefs state (a JSON line) from it."""
+        assert self.proc is not None
+        lines = self.target.read_text(self.proc.stdout_path).splitlines()
+        for line in lines:
+            if line.startswith("{") and not self.state:
+                with contextlib.suppress(ValueError):
+                    self.state = json.loads(line)
+        return lines
+
     def stop(self) -> None:
         """Stop the reader (SIGTERM: it drains what is buffered, restores tracefs and exits 0);
         when it could not restore, restore from its state file here."""
@@ -70,11 +76,14 @@ class TracePipeCapture:
         try:
             if self.proc is not None:
                 code = self.target.stop(self.proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
+                if not self.state:  # stopped before wait_ready: still say what was changed
+                    with contextlib.suppress(UsmlabError):
+                        self._reader_lines()
         finally:
             if code != 0:  # also when it never started: restoring nothing is a no-op
                 tracefs = self.target.join(self.kit_dir, "tracefs.py")
                 self.target.run(
-                    ["python3", tracefs, "restore", "--state", self.state_file],
+                    self.target.python(tracefs, "restore", "--state", self.state_file),
                     sudo=True,
                     check=False,
                 )

@@ -77,23 +77,34 @@ def elf_functions(path, pattern=r"SSL_(read|write)(_ex)?"):
         return None
 
 
-def tool_version(argv):
+def start_tool_version(argv):
+    """Start `argv` (a `--version` call) in the background: None when the tool is missing.
+    It runs while the rest of the probe reads the machine; `tool_version` collects it."""
     if shutil.which(argv[0]) is None:
         return None
     try:
-        out = subprocess.run(
-            argv,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            timeout=10,
-            universal_newlines=True,
-        ).stdout
-    except (OSError, subprocess.SubprocessError):
+        return subprocess.Popen(
+            argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True
+        )
+    except OSError:
+        return None
+
+
+def tool_version(started):
+    """The first line a `start_tool_version` process printed, or None."""
+    if started is None:
+        return None
+    try:
+        out = started.communicate(timeout=10)[0]
+    except subprocess.SubprocessError:
+        started.kill()
+        started.wait()
         return None
     return out.strip().splitlines()[0] if out.strip() else None
 
 
 def info(args):
+    bpftrace = start_tool_version(["bpftrace", "--version"])
     import ssl  # loads libssl into this process, so its maps show which one
 
     tracefs = None
@@ -113,7 +124,7 @@ def info(args):
         "euid": os.geteuid(),
         "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
         "tracefs": tracefs,
-        "bpftrace": tool_version(["bpftrace", "--version"]),
+        "bpftrace": tool_version(bpftrace),
         "sudo": shutil.which("sudo") is not None,
         "mono": __import__("time").monotonic(),
     }

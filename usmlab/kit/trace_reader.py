@@ -73,11 +73,16 @@ def read(trace_pipe, out_path):
             return EXIT_BUSY
         print("error: cannot open %s: %s" % (trace_pipe, err.strerror), file=sys.stderr)
         return 1
+    # A signal wakes the select at once through this pipe (select itself resumes after a
+    # handler returns, PEP 475, and would sleep out its timeout before the drain).
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
     print("reading", flush=True)
     with open(out_path, "ab", buffering=0) as out:
         while True:
             if not _stop:
-                select.select([fd], [], [], 0.2)
+                select.select([fd, wake_r], [], [], 0.2)
             try:
                 chunk = os.read(fd, 1 << 16)
             except BlockingIOError:

@@ -91,11 +91,14 @@ def prepare(state_file, buffer_kb, clock):
         json.dump(state, handle)
     if buffer_kb and int(state["buffer_size_kb"]) < buffer_kb:
         _write(os.path.join(path, "buffer_size_kb"), str(buffer_kb))
+    emptied = False
     if clock and state["trace_clock"] != clock:
         # An old kernel may lack this clock: the manifest records the clock in use.
         with contextlib.suppress(OSError):
             _write(os.path.join(path, "trace_clock"), clock)
-    _write(os.path.join(path, "trace"), "")
+            emptied = True  # a new clock resets the buffer (each tracefs write costs ~20 ms)
+    if not emptied:
+        _write(os.path.join(path, "trace"), "")
     state["clock_in_use"] = current_clock(path)
     state["buffer_in_use_kb"] = _read(os.path.join(path, "buffer_size_kb")).split()[0]
     print(json.dumps(state))

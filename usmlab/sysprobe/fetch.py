@@ -60,7 +60,7 @@ def endpoint_urls(run_id: str) -> dict[str, str]:
 def _argv(
     kit_dir: str, target: Target, out_dir: str, run_id: str, socket: str, suffix: str
 ) -> list[str]:
-    argv = ["python3", target.join(kit_dir, KIT_SCRIPT), "--socket", socket]
+    argv = target.python(target.join(kit_dir, KIT_SCRIPT), "--socket", socket)
     for name, url in endpoint_urls(run_id).items():
         argv += ["--path", url, "--out", target.join(out_dir, f"{name}{suffix}")]
     return argv

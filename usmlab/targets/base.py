@@ -70,6 +70,11 @@ class Target(ABC):
     spec: str = ""  # how the user named it on the command line
     identity: Path | None = None  # key file, for transports that use one
     _can_sudo: bool | None = None  # learned once by can_sudo()
+    # How kit scripts are started: `python3` until the probe names the interpreter it is, then
+    # that file directly (a version manager's `python3` shim costs tens of milliseconds a
+    # start). `-S`: kit scripts use the standard library only, so site-packages (and their
+    # .pth start-up hooks) are skipped.
+    python_argv: tuple[str, ...] = ("python3", "-S")
 
     @property
     @abstractmethod
@@ -121,6 +126,16 @@ class Target(ABC):
     @abstractmethod
     def signal_group(self, proc: BackgroundProcess, sig: signal.Signals) -> None:
         """Send a signal to the process group of a background process."""
+
+    def python(self, *args: str) -> list[str]:
+        """argv that runs the target's python3 on a kit script or `-c` source."""
+        return [*self.python_argv, *args]
+
+    def use_python(self, executable: object) -> None:
+        """Start kit scripts with this interpreter from now on (the probe's `sys.executable`,
+        i.e. what `python3` resolved to); anything but an absolute path is ignored."""
+        if isinstance(executable, str) and executable.startswith("/"):
+            self.python_argv = (executable, "-S")
 
     def can_sudo(self) -> bool:
         """Whether root work is possible here (root already, or passwordless sudo); asked once."""

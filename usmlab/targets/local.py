@@ -92,6 +92,15 @@ class LocalTarget(Target):
         if Path(remote).resolve() != local.resolve():
             shutil.copyfile(remote, local)
 
+    def read_text(self, remote: str, sudo: bool = False) -> str:
+        """Read in place (no `cat` process); through sudo only when a non-root user needs it."""
+        if sudo and not self._is_root:
+            return super().read_text(remote, sudo=True)
+        try:
+            return Path(remote).read_text(encoding="utf-8", errors="replace")
+        except OSError as exc:
+            raise UsmlabError(f"cannot read {remote}: {exc.strerror or exc}") from None
+
     def lifeline_pid(self) -> int | None:
         return os.getpid()
 

@@ -500,7 +500,7 @@ class SshTarget(Target):
             posixpath.dirname(stdout_path) or ".",
             posixpath.dirname(stderr_path) or ".",
             *sudo_words,
-            *("python3", "-c", _DETACH, exit_path, stdout_path, stderr_path, lease),
+            *self.python("-c", _DETACH, exit_path, stdout_path, stderr_path, lease),
             json.dumps(dict(env or {})),
             *argv,
         ]
@@ -583,6 +583,9 @@ class SshTarget(Target):
             answer = lease.ask({"op": "read", "path": remote})
             if isinstance(answer, dict) and isinstance(answer.get("text"), str):
                 return answer["text"]
+            if isinstance(answer, dict) and isinstance(answer.get("error"), str):
+                # The lease could not read it either (not written yet): no command would.
+                raise UsmlabError(f"cannot read {remote} on the target: {answer['error']}")
         return super().read_text(remote, sudo=sudo)
 
     # The lease.
@@ -615,7 +618,7 @@ class SshTarget(Target):
         """Start the lease on its own channel; None when sudo wants a password."""
         source = (KIT_DIR / "lease.py").read_text()
         words = ["sh", "-c", _LEASE_THEN, "sh", self.work_dir, *sudo_words]
-        command = self._command([*words, "python3", "-c", source], stdin=True)
+        command = self._command([*words, *self.python("-c", source)], stdin=True)
         with self._ssh_errors("start the lease"):
             self._conn.open()  # reconnects when the connection was lost or closed
             channel = self._conn.transport.open_session(timeout=CONNECT_TIMEOUT)

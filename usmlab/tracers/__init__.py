@@ -39,6 +39,12 @@ class Tracer(ABC):
     # overlapping the rest of the teardown: true when everything it reports is written at the
     # moment of the probe hit (bpf_trace_printk), false when it may still flush buffered events.
     stops_early: bool = False
+    # Whether processes already running when the probes attach are traced too: true for
+    # uprobes placed on a library file (every process mapping it is covered), false for a
+    # tracer that finds processes as they load the library (USM watches library opens), for
+    # which the workloads must start after the attach (field notes §1).
+    traces_running_processes: bool = False
+    attach_poll_seconds: float = 0.1  # how often `attached` is asked
 
     @abstractmethod
     def start(self, target: Target, ctx: TracerContext) -> BackgroundProcess:
@@ -71,7 +77,7 @@ class Tracer(ABC):
                     f"{self.name} tracer did not attach within {timeout:.0f} s: "
                     f"{self.last_error(target, ctx)}"
                 )
-            time.sleep(0.1)
+            time.sleep(self.attach_poll_seconds)
 
     def last_error(self, target: Target, ctx: TracerContext) -> str:
         """The most telling line of the tracer's log, for one-line errors."""

@@ -52,6 +52,10 @@ class BuiltinTracer(Tracer):
     # Each probe hit prints at once; bpftrace's exit is ~0.1 s of kernel uprobe teardown per
     # probe (6.18, bpftrace 0.17), worth overlapping with the rest of the teardown.
     stops_early = True
+    # Uprobes on the libssl file: a server started during the attach is traced too. Reading
+    # the log is cheap (a file read, or the lease over SSH).
+    traces_running_processes = True
+    attach_poll_seconds = 0.02
 
     def start(self, target: Target, ctx: TracerContext) -> BackgroundProcess:
         libraries = ctx.facts.get("libssl") or []

@@ -138,7 +138,7 @@ class UsmDebuggerTracer(Tracer):
     def held(self, target: Target, ctx: TracerContext, pid: int) -> dict[str, Any] | None:
         """What the process tree of pid holds (bpf_attached.py's report), None once it is gone."""
         script = target.join(ctx.kit_dir, "bpf_attached.py")
-        done = target.run(["python3", script, str(pid)], sudo=True, check=False)
+        done = target.run(target.python(script, str(pid)), sudo=True, check=False)
         if done.exit_code == _GONE:
             return None
         if not done.ok:
