@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 from pathlib import Path
 from typing import Any
@@ -459,6 +460,23 @@ def test_truncated_last_lines_are_tolerated(lab: Lab) -> None:
     report = analyze_run(run)
     assert report.requests["sent"] == 1
     assert report.outcome == "capture-works"
+
+
+def test_log_lines_json_takes_but_strict_parsers_refuse_are_read(lab: Lab) -> None:
+    """The workloads write with Python's json: NaN is possible, and a path may carry bytes
+    that are not UTF-8; blank lines may separate appends. None of it is corruption."""
+    lab.captured(lab.request(0))
+    lab.captured(lab.request(1))
+    run = lab.write()
+    lines = (run / "client.jsonl").read_bytes().splitlines()
+    second = json.loads(lines[1])
+    second["jitter_ms"] = float("nan")
+    odd = json.dumps(second).encode().replace(b'"method"', b'"m\xff": 1, "method"')
+    (run / "client.jsonl").write_bytes(lines[0] + b"\n\n" + odd + b"\n")
+    report = analyze_run(run)
+    assert report.requests["sent"] == 2
+    assert report.requests["captured_client"] == 2
+    assert gc.isenabled()  # the analysis pauses the collector, and gives it back
 
 
 def test_unreadable_trace_fails_in_one_line(lab: Lab) -> None:

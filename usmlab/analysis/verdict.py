@@ -15,11 +15,11 @@ The trace is scanned once, in parallel on big files (fanout): every capture is m
 from __future__ import annotations
 
 import heapq
+import operator
 import re
 from bisect import bisect_right
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.fanout import default_workers, map_ranges, split_ranges
@@ -56,7 +56,6 @@ _LAB_ROLES = frozenset({"client", "server"})
 _OWN_THREAD_KINDS = frozenset({"tls_write", "tls_read", "tls_read_call"})
 _SERVER_IN_PATH = re.compile(r"/server(\d{1,5})(?:/|$)")
 _TRAFFIC_INDEXES = frozenset(KINDS.index(k) for k in TRAFFIC_KINDS)
-_K = TypeVar("_K")
 
 
 def exit_status(outcome: str) -> int:
@@ -251,6 +250,21 @@ class _Timeline:
         # Per tier: starts, ends, request indexes, longest duration.
         self._tiers: list[tuple[list[float], list[float], list[int], list[float]]] = []
 
+    @classmethod
+    def of(cls, requests: list[Request], ids: list[int]) -> _Timeline:
+        """The timeline of these requests (indexes in start order), built in bulk: the
+        usual case, every request shorter than a second, is one tier of three lists."""
+        timeline = cls()
+        starts = [requests[i].start for i in ids]
+        ends = [requests[i].end for i in ids]
+        longest = max(map(operator.sub, ends, starts), default=0.0)
+        if longest <= cls._LIMITS[0]:
+            timeline._tiers.append((starts, ends, list(ids), [max(longest, 0.0)]))
+        else:
+            for i, start, end in zip(ids, starts, ends, strict=True):
+                timeline.add(start, end, i)
+        return timeline
+
     def add(self, start: float, end: float, idx: int) -> None:
         """Append a request (in start order)."""
         duration = end - start
@@ -350,34 +364,28 @@ class Correlator:
         self.unexplained_paths = set(unexplained)
         self.has_server_log = bool(ctx.server_records)
         self.request_paths = {r.path for r in ctx.requests}
-        by_path: dict[str, _Timeline] = {}
-        # Pathless events: by the thread that handled the request, else by its process (a Go
-        # client writes from net/http's goroutines, not from the worker that logged the tid).
-        by_thread: dict[tuple[str, int], _Timeline] = {}
-        by_process: dict[tuple[str, int], _Timeline] = {}
-
-        def add(table: dict[_K, _Timeline], key: _K, start: float, end: float, idx: int) -> None:
-            timeline = table.get(key)
-            if timeline is None:
-                timeline = table[key] = _Timeline()
-            timeline.add(start, end, idx)
-
-        order = sorted(range(len(ctx.requests)), key=lambda i: ctx.requests[i].start)
-        for idx in order:
-            req = ctx.requests[idx]
-            start, end, path = req.start, req.end, req.path
-            add(by_path, path, start, end, idx)
-            for role, tid, pid in (
-                ("client", req.tid, req.pid),
-                ("server", req.server_tid, req.server_pid),
-            ):
-                if tid is not None:
-                    add(by_thread, (role, tid), start, end, idx)
-                if pid is not None:
-                    add(by_process, (role, pid), start, end, idx)
-        self._by_path = by_path
+        # Request indexes in start order per key: by path; for pathless events by the thread
+        # that handled the request, else by its process (a Go client writes from net/http's
+        # goroutines, not from the worker that logged the tid).
+        paths: dict[str, list[int]] = {}
+        threads: dict[tuple[str, int], list[int]] = {}
+        processes: dict[tuple[str, int], list[int]] = {}
+        requests = ctx.requests
+        for idx in sorted(range(len(requests)), key=lambda i: requests[i].start):
+            req = requests[idx]
+            paths.setdefault(req.path, []).append(idx)
+            if req.tid is not None:
+                threads.setdefault(("client", req.tid), []).append(idx)
+            if req.pid is not None:
+                processes.setdefault(("client", req.pid), []).append(idx)
+            if req.server_tid is not None:
+                threads.setdefault(("server", req.server_tid), []).append(idx)
+            if req.server_pid is not None:
+                processes.setdefault(("server", req.server_pid), []).append(idx)
+        self._by_path = {key: _Timeline.of(requests, ids) for key, ids in paths.items()}
+        by_thread = {key: _Timeline.of(requests, ids) for key, ids in threads.items()}
         self._by_thread = by_thread
-        self._by_process = by_process
+        self._by_process = {key: _Timeline.of(requests, ids) for key, ids in processes.items()}
         self.server_ports = {
             p.port for p in ctx.threads.processes(["server"]) if p.port is not None
         }
