@@ -49,3 +49,22 @@ def test_a_corrupt_certificate_is_replaced(tmp_path):
     certs.server_cert.write_text("garbage")
     again = ensure_certs(tmp_path)
     x509.load_pem_x509_certificate(again.server_cert.read_bytes())
+
+
+def test_current_certificates_are_vouched_for_without_cryptography(tmp_path):
+    """A run start checks its certificates against expiry.json (sha256 + expiry) and does not
+    import cryptography; a certificate changed behind its back is parsed again."""
+    import subprocess
+    import sys
+
+    certs = ensure_certs(tmp_path)
+    check = (
+        "import sys; from pathlib import Path; from usmlab.certs import ensure_certs; "
+        f"ensure_certs(Path({str(tmp_path)!r})); print('cryptography' in sys.modules)"
+    )
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "False", loaded.stderr
+    certs.server_cert.write_text("garbage")
+    loaded = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True)
+    assert loaded.stdout.strip() == "True", loaded.stderr
+    x509.load_pem_x509_certificate(certs.server_cert.read_bytes())  # replaced, valid again

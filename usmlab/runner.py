@@ -676,8 +676,9 @@ class LabRun:
         Every stage is attempted whatever the others do; the reader goes last so it keeps
         every line the tracer wrote up to its exit. When the clients ended on their own and
         the tracer prints at each probe hit (`stops_early`), nothing it could still print
-        concerns the lab: it is told to stop together with the clients, so its exit (kernel
-        uprobe teardown, ~0.1 s a probe) runs while the servers and the sampler stop.
+        concerns the lab: it is told to stop together with the clients, and the reader once
+        the servers are down, so the tracer's exit (kernel uprobe teardown, ~0.1 s a probe)
+        runs while the servers, the sampler and the reader stop.
         """
         early: list[BackgroundProcess] = []
         if traffic_ended and self.tracer is not None and self.tracer.stops_early:
@@ -700,6 +701,11 @@ class LabRun:
             if stage == STOP_STAGE["client"] and early:
                 with contextlib.suppress(Exception):
                     self.target.signal_many(early, signal.SIGINT)
+            if stage == STOP_STAGE["server"] and early and self.capture and self.capture.proc:
+                # Everything the tracer had to say about the lab is in the ring buffer: the
+                # reader may drain it and restore tracefs while the tracer detaches.
+                with contextlib.suppress(Exception):
+                    self.target.signal_many([self.capture.proc], signal.SIGTERM)
         if self.capture is not None and self.capture.proc is None:
             self.capture.stop()  # prepared tracefs but the reader never started
         if self.nat is not None:
