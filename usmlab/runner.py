@@ -454,9 +454,14 @@ class LabRun:
         if self.capture is None:
             return
         self.capture.wait_ready()
-        self.manifest["trace_clock"] = self.capture.clock
-        self.manifest["tracefs"] = self.capture.state
+        self._note_capture_state()
         self._lap("capture")
+
+    def _note_capture_state(self) -> None:
+        """The manifest says which trace clock ran and what tracefs settings were changed."""
+        if self.capture is not None and self.capture.state:
+            self.manifest["trace_clock"] = self.capture.clock
+            self.manifest["tracefs"] = self.capture.state
 
     def _wait_attached(self) -> None:
         """Return once the tracer started by `_start_observers` has its probes attached."""
@@ -688,9 +693,7 @@ class LabRun:
             try:
                 if procs[0].name == "capture" and self.capture is not None:
                     self.capture.stop()
-                    if self.capture.state:  # also when interrupted before it was ready
-                        self.manifest["trace_clock"] = self.capture.clock
-                        self.manifest["tracefs"] = self.capture.state
+                    self._note_capture_state()  # also when interrupted before it was ready
                 elif procs[0].name == "sysprobe-fetch":
                     self._finish_sysprobe_fetch()
                 else:
