@@ -95,22 +95,26 @@ def remove(path):
         os.remove(path)
 
 
-def poll(exit_file, pgid):
-    """Like the SSH target's poll script: the exit status once written, else whether the
-    group leader still runs."""
+def _exit_status(exit_file):
+    """The exit file's text, or None while it is not written."""
     try:
         with open(exit_file) as handle:
             return handle.read().strip()
     except OSError:
-        pass
+        return None
+
+
+def poll(exit_file, pgid):
+    """Like the SSH target's poll script: the exit status once written, else whether the
+    group leader still runs (read again after a dead leader: it may have just written it)."""
+    status = _exit_status(exit_file)
+    if status is not None:
+        return status
     leader = read_stat(pgid)
     if leader is not None and leader[0] not in "ZXx":
         return "running"
-    try:
-        with open(exit_file) as handle:
-            return handle.read().strip()
-    except OSError:
-        return "gone"
+    status = _exit_status(exit_file)
+    return "gone" if status is None else status
 
 
 def serve(request):

@@ -107,6 +107,8 @@ def info(args):
     bpftrace = start_tool_version(["bpftrace", "--version"])
     import ssl  # loads libssl into this process, so its maps show which one
 
+    libssl = mapped_libraries()
+
     tracefs = None
     for path in TRACEFS_CANDIDATES:
         if os.path.exists(os.path.join(path, "trace_pipe")):
@@ -119,8 +121,8 @@ def info(args):
         "python": platform.python_version(),
         "python_executable": sys.executable,
         "openssl": ssl.OPENSSL_VERSION,
-        "libssl": mapped_libraries(),
-        "libssl_functions": {lib: elf_functions(lib) for lib in mapped_libraries()},
+        "libssl": libssl,
+        "libssl_functions": {lib: elf_functions(lib) for lib in libssl},
         "euid": os.geteuid(),
         "btf": os.path.exists("/sys/kernel/btf/vmlinux"),
         "tracefs": tracefs,
