@@ -18,9 +18,9 @@ import pytest
 from labrun import can_trace, free_port, needs_tracer
 
 from usmlab.certs import ensure_certs
-from usmlab.doctor import Check, failed, render_checks, run_doctor
 from usmlab.errors import UsageError
-from usmlab.kit import KIT_DIR, WORKLOADS_DIR
+from usmlab.kit import KIT_DIR
+from usmlab.run.doctor import Check, failed, render_checks, run_doctor
 from usmlab.targets.local import LocalTarget
 
 DOUBLE = Path(__file__).resolve().parent / "usm_debugger_double.py"
@@ -52,12 +52,12 @@ def tls_server(tmp_path: Path) -> Iterator[tuple[int, subprocess.Popen[str]]]:
     certs = ensure_certs(tmp_path / "certs")
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, str(WORKLOADS_DIR / "server.py"), "--host", "127.0.0.1",
+        [sys.executable, str(KIT_DIR / "server.py"), "--host", "127.0.0.1",
          "--port", str(port), "--cert", str(certs.server_cert), "--key", str(certs.server_key)],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, text=True, start_new_session=True,
     )  # fmt: skip
     ready = subprocess.run(
-        [sys.executable, str(WORKLOADS_DIR / "client.py"), "--check",
+        [sys.executable, str(KIT_DIR / "client.py"), "--check",
          "-url", f"https://127.0.0.1:{port}", "--timeout", "10"],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip

@@ -26,21 +26,18 @@ from typing import Any
 
 import pytest
 
-from usmlab import go_build
 from usmlab.certs import LabCerts, ensure_certs
 from usmlab.errors import UsmlabError
-from usmlab.go_build import GoBuild, GoBuildError, build_go_client, find_go
 from usmlab.kit.probe import mapped_libraries
+from usmlab.run import go_client as go_build
+from usmlab.run.go_client import GoBuild, GoBuildError, build_go_client, find_go
 from usmlab.scenarios import DEFAULT_PATHS as SCENARIO_DEFAULT_PATHS
 from usmlab.targets.local import LocalTarget
+from usmlab.tracers.bpftrace import STRLEN_ENV
 from usmlab.tracers.builtin import ATTACHED_MARK, exported_functions, render_program
-from usmlab.tracers.go_tls import (
-    STRLEN_ENV,
-    check_go_binary,
-    render_go_probes,
-)
+from usmlab.tracers.go_tls import check_go_binary, render_go_probes
 
-SERVER_PY = Path(__file__).resolve().parents[1] / "usmlab" / "workloads" / "server.py"
+SERVER_PY = Path(__file__).resolve().parents[1] / "usmlab" / "kit" / "server.py"
 CLIENT_FIELDS = [
     "seq", "pid", "tid", "local_addr", "local_port", "remote", "method", "path", "status",
     "error", "scheduled_mono", "start_mono", "end_mono", "start_wall", "end_wall", "conn_id",

@@ -25,7 +25,7 @@ import pytest
 from usmlab.certs import LabCerts, ensure_certs
 from usmlab.errors import UsageError, UsmlabError
 from usmlab.kit import KIT_DIR, kit_files
-from usmlab.nat import (
+from usmlab.run.nat import (
     STATE_NAME,
     NatLeftover,
     NatRule,

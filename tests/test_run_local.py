@@ -160,7 +160,7 @@ def test_scenarios_lists_each_with_its_goal():
 
 
 def test_the_library_runs_a_scenario_without_the_cli(tmp_path):
-    from usmlab.runner import LabRun
+    from usmlab.run.pipeline import LabRun
     from usmlab.scenarios import get_scenario
     from usmlab.targets.local import LocalTarget
 

@@ -32,13 +32,13 @@ from sysprobe_double import (
     write_sample,
 )
 
+from usmlab.analysis import sysprobe_parse as parse
 from usmlab.analysis.errors import AnalysisError
+from usmlab.analysis.sysprobe_parse import iter_http_entries, iter_records
+from usmlab.analysis.sysprobe_verdict import judge_dumps, summarize_run
 from usmlab.errors import UsmlabError
 from usmlab.kit import KIT_DIR
-from usmlab.sysprobe import parse
-from usmlab.sysprobe.fetch import endpoint_urls, fetch_final, start_periodic, stop_periodic
-from usmlab.sysprobe.parse import iter_http_entries, iter_records
-from usmlab.sysprobe.verdict import judge_dumps, summarize_run
+from usmlab.run.sysprobe_fetch import endpoint_urls, fetch_final, start_periodic, stop_periodic
 from usmlab.targets.local import LocalTarget
 
 SAMPLE = Path(__file__).parent / "data" / "sysprobe_double_http_monitoring.json"
@@ -255,7 +255,7 @@ def test_sigterm_during_a_fetch_finishes_that_fetch(
 MEASURE = """
 import sys
 from pathlib import Path
-from usmlab.sysprobe.parse import iter_http_entries
+from usmlab.analysis.sysprobe_parse import iter_http_entries
 
 def peak_kb():
     with open("/proc/self/status") as status:

@@ -31,10 +31,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from hypothesis import given
 from hypothesis import strategies as st
 
-import usmlab.workloads
-from usmlab.workloads import client as client_module
+import usmlab.kit
+from usmlab.kit import client as client_module
 
-WORKLOADS_DIR = Path(usmlab.workloads.__file__).parent
+WORKLOADS_DIR = Path(usmlab.kit.__file__).parent
 START_LINE = re.compile(r"^Starting TLS server on (?:\S*):(\d+) \(PID: (\d+)\)$", re.MULTILINE)
 
 

@@ -172,7 +172,7 @@ def test_cmd(
     ] = None,
 ) -> None:
     """Run a scenario on a target, collect every artifact and print the verdict."""
-    from usmlab.fleet import read_hosts_file
+    from usmlab.run.fleet import read_hosts_file
     from usmlab.scenarios import get_scenario, parse_duration, parse_paths, parse_ports
     from usmlab.targets.local import default_state_dir
     from usmlab.tracers import TRACER_NAMES
@@ -233,7 +233,7 @@ def _test_one(
     options: dict[str, Any],
 ) -> None:
     from usmlab.analysis.report import render_table
-    from usmlab.runner import LabRun
+    from usmlab.run.pipeline import LabRun
     from usmlab.targets import open_target
 
     lab_target = open_target(spec, identity, work_dir)
@@ -268,7 +268,7 @@ def _test_many(
     work_dir: str | None,
     options: dict[str, Any],
 ) -> None:
-    from usmlab.fleet import fleet_table, run_fleet, worst_exit
+    from usmlab.run.fleet import fleet_table, run_fleet, worst_exit
 
     results = run_fleet(
         specs, scenario, params, identity=identity, work_dir=work_dir, progress=_say, **options
@@ -287,7 +287,7 @@ def collect_cmd(
 ) -> None:
     """Fetch (again) every file of a remote run, verify it, and recompute the verdict."""
     from usmlab.analysis.report import exit_status, render_table
-    from usmlab.collect import collect_run
+    from usmlab.run.collect import collect_run
 
     collected = collect_run(run_dir, identity)
     print(f"{run_dir}: fetched {len(collected.fetched)} file(s), all verified by sha256")
@@ -304,7 +304,7 @@ def cleanup_cmd(
     work_dir: Annotated[str | None, typer.Option(help="usmlab's folder on the target.")] = None,
 ) -> None:
     """End processes that crashed runs left on a target (never anything else)."""
-    from usmlab.leftovers import clean_target
+    from usmlab.run.cleanup import clean_target
     from usmlab.targets import open_target
 
     lab_target = open_target(target, identity, work_dir)
@@ -343,8 +343,8 @@ def build_cmd(
     ),
 ) -> None:
     """Build usm-debugger with dda on the target and record the binary's hash."""
-    from usmlab.build import build_usm_debugger, normalize_arch
     from usmlab.targets import open_target
+    from usmlab.tracers.usm_debugger_build import build_usm_debugger, normalize_arch
 
     if arch is not None:
         arch = normalize_arch(arch)
@@ -373,7 +373,7 @@ def doctor_cmd(
     usm_debugger: Annotated[str | None, typer.Option(help="usm-debugger binary to check.")] = None,
 ) -> None:
     """The seed's troubleshooting checks on a target, as a pass/fail table with hints."""
-    from usmlab.doctor import failed, render_checks, run_doctor
+    from usmlab.run.doctor import failed, render_checks, run_doctor
     from usmlab.targets import open_target
 
     lab_target = open_target(target, identity, work_dir)

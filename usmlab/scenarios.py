@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from usmlab.errors import UsageError
-from usmlab.workloads.client import DEFAULT_PATHS as CLIENT_DEFAULT_PATHS
+from usmlab.kit.client import DEFAULT_PATHS as CLIENT_DEFAULT_PATHS
 
 # The 8 paths the original hand-run client rotated through (field notes §3); the client, which
 # must stay a standalone file, holds the one list.

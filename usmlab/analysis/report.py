@@ -193,7 +193,7 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     if tracer == "system-probe":
         # No trace: system-probe's own stats are the capture, judged by the two-server rule
         # and the PID checks (usmlab/sysprobe).
-        from usmlab.sysprobe.verdict import summarize_run
+        from usmlab.analysis.sysprobe_verdict import summarize_run
 
         summary = system_probe = summarize_run(run_dir, manifest)
         if summary is None or not summary.get("lab_requests"):

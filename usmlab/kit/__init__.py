@@ -1,16 +1,17 @@
-"""Helper scripts deployed next to the workloads and run on the target with a bare python3.
+"""The target side: every file uploaded to a target and run there by a bare `python3`.
 
-Standard library only, Python 3.8+: they run on VMs and staging hosts that have nothing else.
+Standard library only, Python 3.8+: these run on VMs and staging hosts that have nothing else.
+The workloads (`server.py`, `client.py`, `go_client/`), the helper scripts and the programs the
+transports send (`detach.py`) all live here, flat, exactly as they are laid out on the target.
+Each script's controller half is named in its docstring; docs/architecture.md pairs them all.
 """
 
 from pathlib import Path
 
 KIT_DIR = Path(__file__).resolve().parent
-WORKLOADS_DIR = KIT_DIR.parent / "workloads"
+GO_CLIENT_DIR = KIT_DIR / "go_client"
 
 
 def kit_files() -> dict[str, Path]:
-    """Every file a target needs to run a scenario, by the name it gets there."""
-    files = {p.name: p for p in sorted(KIT_DIR.glob("*.py")) if p.name != "__init__.py"}
-    files.update({p.name: p for p in sorted(WORKLOADS_DIR.glob("*.py")) if p.name != "__init__.py"})
-    return files
+    """Every script a target needs to run a scenario, by the name it gets there."""
+    return {p.name: p for p in sorted(KIT_DIR.glob("*.py")) if p.name != "__init__.py"}

@@ -4,7 +4,7 @@ It makes the whole capture-and-verdict pipeline real on any machine with BPF, an
 independent second opinion next to usm-debugger. The program is rendered with jinja2 for the
 libraries found on the target and the SSL functions each one exports (bpftrace refuses to start
 when a probed symbol is missing, and Python 3.11 uses the `_ex` family while curl uses the plain
-one, field notes §4).
+one; see docs/tracers.md).
 """
 
 from __future__ import annotations
@@ -12,32 +12,22 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-import jinja2
-
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.tracers import Tracer, TracerContext
+from usmlab.tracers.bpftrace import ATTACHED_MARK, LINE_MAX, STRLEN_ENV, render_template
+from usmlab.tracers.go_tls import check_go_binary, render_go_probes
 
-TEMPLATE_DIR = Path(__file__).resolve().parent
 SSL_FUNCTIONS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex")
-LINE_MAX = 160  # bytes of the first plaintext line kept; a lab request line is under 100
-ATTACHED_MARK = "USMLAB_TRACER_ATTACHED"
 PROGRAM_NAME = "tracer.bt"
 
 
 def render_program(run_id: str, functions: dict[str, list[str]], line_max: int = LINE_MAX) -> str:
     """The bpftrace program for these libraries and the functions each exports."""
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    template = env.get_template("builtin.bt.j2")
-    return template.render(
-        run_id=run_id, libraries=sorted(functions), functions=functions, line_max=line_max
-    )
+    return render_template(
+        "builtin.bt.j2",
+        run_id=run_id, libraries=sorted(functions), functions=functions, line_max=line_max,
+    )  # fmt: skip
 
 
 def exported_functions(target: Target, library: str) -> list[str]:
@@ -75,12 +65,9 @@ class BuiltinTracer(Tracer):
             raise UsmlabError(f"none of {', '.join(SSL_FUNCTIONS)} found in {libraries[0]}")
         program = render_program(ctx.run_id, functions)
         if ctx.go_binaries:
-            from usmlab.tracers.go_tls import check_go_binary, go_arch, render_go_probes
-
             for binary in ctx.go_binaries:
                 check_go_binary(target, binary)
-            arch = go_arch(str(ctx.facts.get("machine", "")))
-            program += render_go_probes(ctx.run_id, ctx.go_binaries, arch)
+            program += render_go_probes(ctx.run_id, ctx.go_binaries, str(ctx.facts["machine"]))
         local_copy = Path(ctx.facts["local_run_dir"]) / PROGRAM_NAME
         local_copy.write_text(program)
         remote_program = target.join(ctx.run_dir, PROGRAM_NAME)
@@ -89,7 +76,7 @@ class BuiltinTracer(Tracer):
         argv = [
             "env",
             *(f"{k}={v}" for k, v in ctx.env.items()),
-            f"BPFTRACE_STRLEN={LINE_MAX + 8}",
+            *(f"{k}={v}" for k, v in STRLEN_ENV.items()),
             "bpftrace",
             remote_program,
         ]

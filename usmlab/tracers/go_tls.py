@@ -1,6 +1,6 @@
 """bpftrace probes on Go's crypto/tls, next to the built-in tracer's OpenSSL probes.
 
-The misattribution seen in production was Go-TLS traffic (field notes §3), which a libssl probe
+The misattribution seen in production was Go-TLS traffic (docs/background.md), which a libssl probe
 never sees. These probes hook `crypto/tls.(*Conn).Write` and `.Read` at function entry in a Go
 binary and print the built-in tracer's own line format, so one analysis reads both. Go passes
 arguments in registers (ABIInternal: amd64 since Go 1.17, arm64 since Go 1.18), not where C code
@@ -12,21 +12,16 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
-import jinja2
-
+from usmlab.arch import require_arch
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import Target
-from usmlab.tracers.builtin import ATTACHED_MARK, LINE_MAX
+from usmlab.tracers.bpftrace import ATTACHED_MARK, LINE_MAX, render_template
 
-TEMPLATE_DIR = Path(__file__).resolve().parent
 GO_WRITE = "crypto/tls.(*Conn).Write"
 GO_READ = "crypto/tls.(*Conn).Read"
 # The probe spec is `uprobe:PATH:"symbol"`: a path with quotes, spaces or colons cannot be written.
 SAFE_PATH = re.compile(r"/[A-Za-z0-9._+/-]+")
-# bpftrace needs this to print a whole request line (its default string size is 64 bytes).
-STRLEN_ENV = {"BPFTRACE_STRLEN": str(LINE_MAX + 8)}
 
 
 @dataclass(frozen=True)
@@ -42,15 +37,13 @@ REGISTERS = {
     "amd64": GoRegisters(conn="ax", buf="bx", len="cx"),  # RAX, RBX, RCX
     "arm64": GoRegisters(conn="r0", buf="r1", len="r2"),  # X0, X1, X2
 }
-ARCH_ALIASES = {"amd64": "amd64", "x86_64": "amd64", "arm64": "arm64", "aarch64": "arm64"}
 
 
 def go_arch(machine: str) -> str:
     """`amd64`/`arm64` from `uname -m` or GOARCH spelling; UsmlabError for anything else."""
-    arch = ARCH_ALIASES.get(machine.strip().lower())
-    if arch is None:
-        supported = ", ".join(sorted(ARCH_ALIASES))
-        raise UsmlabError(f"no Go TLS probes for architecture {machine!r} (supported: {supported})")
+    arch = require_arch(machine, "architecture for the Go TLS probes").go
+    if arch not in REGISTERS:
+        raise UsmlabError(f"no Go TLS probes for architecture {machine!r}")
     return arch
 
 
@@ -74,18 +67,13 @@ def _render(
     line_max: int,
 ) -> str:
     _check_paths(binaries)
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
-        undefined=jinja2.StrictUndefined,
-        trim_blocks=True,
-        lstrip_blocks=True,
-        keep_trailing_newline=True,
-    )
-    return env.get_template("go_tls.bt.j2").render(
+    goarch = go_arch(arch)
+    return render_template(
+        "go_tls.bt.j2",
         run_id=run_id,
         binaries=list(dict.fromkeys(binaries)),
-        arch=go_arch(arch),
-        regs=REGISTERS[go_arch(arch)],
+        arch=goarch,
+        regs=REGISTERS[goarch],
         line_max=line_max,
         read_calls=read_calls,
         with_begin=with_begin,

@@ -15,6 +15,7 @@ import re
 import time
 from typing import Any, NamedTuple
 
+from usmlab.arch import find_arch
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.tracers import Tracer, TracerContext
@@ -38,7 +39,8 @@ _GO_CRASH = re.compile(r"^(panic: |fatal error: )")
 
 def build_arch(machine: str) -> str:
     """The `--arch` the build task wants for a target's `uname -m`."""
-    return "arm64" if machine in ("aarch64", "arm64") else (machine or "x86_64")
+    arch = find_arch(machine)
+    return arch.dda if arch else (machine or "x86_64")
 
 
 def build_hint(machine: str) -> str:

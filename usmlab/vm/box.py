@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from usmlab.arch import find_arch
 from usmlab.errors import UsmlabError
 
 # Bump when the build steps change in a way the recipe below does not capture.
@@ -144,8 +145,8 @@ class TestBox:
 
 def host_debian_arch() -> str:
     """The Debian name of this machine's architecture (amd64, arm64)."""
-    machine = platform.machine().lower()
-    return {"x86_64": "amd64", "aarch64": "arm64", "arm64": "arm64"}.get(machine, machine)
+    arch = find_arch(platform.machine())
+    return arch.go if arch else platform.machine().lower()
 
 
 def apt_mirror(apt_dir: Path = Path("/etc/apt")) -> str:

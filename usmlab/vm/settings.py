@@ -14,12 +14,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from usmlab.arch import NAMES as ARCH_NAMES
 from usmlab.errors import UsageError
 
 TOML_NAME = "usmlab.toml"
 ENV_PREFIX = "USMLAB_VM_"
 PROVIDERS = ("libvirt", "vmware_desktop", "parallels", "qemu", "virtualbox")
-ARCHITECTURES = ("arm64", "amd64")
+ARCHITECTURES = ARCH_NAMES
 PROFILES = ("full", "test")
 AGENT_MOUNT = "/git/datadog-agent"
 

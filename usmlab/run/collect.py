@@ -14,8 +14,8 @@ from typing import Any
 
 from usmlab.analysis.report import Report, analyze_run, write_report
 from usmlab.errors import UsageError
-from usmlab.leftovers import clean_target
-from usmlab.rundir import file_inventory, now_iso, read_manifest, write_manifest
+from usmlab.manifest import file_inventory, now_iso, read_manifest, write_manifest
+from usmlab.run.cleanup import clean_target
 from usmlab.targets import open_target
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.runfiles import read_manifest
-from usmlab.sysprobe.parse import (
+from usmlab.analysis.sysprobe_parse import (
     CONNECTIONS_DUMP,
     HTTP_DUMPS,
     Connection,

@@ -10,17 +10,18 @@ from __future__ import annotations
 
 import re
 import shlex
-from pathlib import Path
 from typing import TypedDict
 
+from usmlab.arch import AMD64, ARM64
 from usmlab.errors import UsmlabError
+from usmlab.kit import GO_CLIENT_DIR
 from usmlab.targets.base import Target
 
-SOURCE_DIR = Path(__file__).resolve().parent / "workloads" / "go_client"
+SOURCE_DIR = GO_CLIENT_DIR
 SOURCE_FILES = ("main.go", "go.mod")
 GO_FALLBACK_DIRS = ("/usr/local/go/bin", "/usr/lib/go/bin")
 # Go's register ABI, which the Go TLS probes read arguments from, starts at these versions.
-MIN_GO = {"amd64": (1, 17), "arm64": (1, 18)}
+MIN_GO = {AMD64.go: (1, 17), ARM64.go: (1, 18)}  # the register ABI on each
 BUILD_TIMEOUT_S = 900.0  # a first build under TCG emulation compiles half the standard library
 # Static (no cgo: no C compiler needed on the target), offline, symbols kept: uprobes are placed
 # by symbol name, so no -ldflags=-s and no stripping.

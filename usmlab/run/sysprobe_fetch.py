@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import quote
 
+from usmlab.analysis.sysprobe_parse import CONNECTIONS_DUMP, HTTP_DUMPS
 from usmlab.errors import UsmlabError
-from usmlab.sysprobe.parse import CONNECTIONS_DUMP, HTTP_DUMPS
 from usmlab.targets.base import BackgroundProcess, Target
 
 DEFAULT_SOCKET = "/opt/datadog-agent/run/sysprobe.sock"

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from usmlab.errors import UsageError, UsmlabError
-from usmlab.runner import LabRun, RunResult
+from usmlab.run.pipeline import LabRun, RunResult
 from usmlab.scenarios import Params, Scenario
 from usmlab.targets import open_target
 

@@ -25,14 +25,14 @@ from usmlab.analysis.report import analyze_run, exit_status, workload_logs, writ
 from usmlab.certs import ensure_certs
 from usmlab.errors import RunInterrupted, UsmlabError
 from usmlab.kit import kit_files
-from usmlab.leftovers import clean_target
-from usmlab.rundir import file_inventory, new_run_dir, now_iso, write_manifest
+from usmlab.kit.client import summarize
+from usmlab.manifest import file_inventory, new_run_dir, now_iso, write_manifest
+from usmlab.run.cleanup import clean_target
+from usmlab.run.trace_reader import TracePipeCapture
 from usmlab.scenarios import Params, Scenario, check_url
 from usmlab.targets.base import BackgroundProcess, Target
-from usmlab.trace_capture import TracePipeCapture
 from usmlab.tracers import Tracer, TracerContext
 from usmlab.tracers.builtin import BuiltinTracer
-from usmlab.workloads.client import summarize
 
 Progress = Callable[[str], None]
 
@@ -395,7 +395,7 @@ class LabRun:
         params = self.params
         ports = list(params.ports)
         if params.ephemeral_server:
-            from usmlab.nat import ephemeral_port
+            from usmlab.run.nat import ephemeral_port
 
             ports = [ephemeral_port(self.target, self.kit_dir)]
             self.progress(f"server: port {ports[0]} is inside the ephemeral port range")
@@ -403,7 +403,7 @@ class LabRun:
         self.manifest["server_ports"] = ports
 
     def _build_go_client(self) -> None:
-        from usmlab.go_build import build_go_client
+        from usmlab.run.go_client import build_go_client
 
         self.progress("client: building the Go client on the target")
         build = build_go_client(self.target, self.kit_dir, self._kit("goclient"))
@@ -477,7 +477,7 @@ class LabRun:
 
     def _start_sysprobe_fetch(self) -> None:
         """system-probe already runs on the target: collect its stats, start no tracer."""
-        from usmlab.sysprobe.fetch import DEFAULT_SOCKET, endpoint_urls, start_periodic
+        from usmlab.run.sysprobe_fetch import DEFAULT_SOCKET, endpoint_urls, start_periodic
 
         socket = self.sysprobe_socket or DEFAULT_SOCKET
         self.progress(f"system-probe: fetching its stats from {socket}")
@@ -490,7 +490,7 @@ class LabRun:
 
     def _finish_sysprobe_fetch(self) -> None:
         """Stop the periodic fetch after its round, then take the final dumps."""
-        from usmlab.sysprobe.fetch import fetch_final, stop_periodic
+        from usmlab.run.sysprobe_fetch import fetch_final, stop_periodic
 
         assert self.sysprobe is not None
         stop_periodic(self.target, self.sysprobe)
@@ -538,7 +538,7 @@ class LabRun:
         return server
 
     def _add_nat(self) -> None:
-        from usmlab.nat import NatRule
+        from usmlab.run.nat import NatRule
 
         vip_host, vip_port = check_url(f"https://{self.params.nat_vip}")
         self.nat = NatRule.add(

@@ -16,12 +16,12 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from usmlab.arch import find_arch
 from usmlab.errors import UsageError, UsmlabError
-from usmlab.rundir import now_iso
+from usmlab.manifest import now_iso
 from usmlab.targets.base import Target
 
 AGENT_DIR = "/git/datadog-agent"
-ARCHES = {"arm64": "arm64", "aarch64": "arm64", "x86_64": "x86_64", "amd64": "x86_64"}
 LOG_TAIL = 25
 
 
@@ -42,10 +42,11 @@ class BuildRecord:
 
 
 def normalize_arch(arch: str) -> str:
-    try:
-        return ARCHES[arch]
-    except KeyError:
-        raise UsageError(f"unknown arch {arch!r}: use arm64 or x86_64") from None
+    """dda's spelling of any spelling of an architecture."""
+    found = find_arch(arch)
+    if found is None:
+        raise UsageError(f"unknown arch {arch!r}: use arm64 or x86_64")
+    return found.dda
 
 
 def build_script(agent_dir: str, arch: str, clean: bool) -> str:

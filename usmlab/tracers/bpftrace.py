@@ -1,0 +1,32 @@
+"""What every bpftrace program of usmlab shares: the attached mark, the line size, rendering.
+
+The built-in tracer's OpenSSL probes (`builtin.py`) and its Go probes (`go_tls.py`) are two
+templates of one program; both take these from here. See docs/tracers.md.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import jinja2
+
+TEMPLATE_DIR = Path(__file__).resolve().parent
+LINE_MAX = 160  # bytes of the first plaintext line kept; a lab request line is under 100
+# Printed by BEGIN with CLOCK_MONOTONIC in ns: BEGIN runs once every probe is attached.
+ATTACHED_MARK = "USMLAB_TRACER_ATTACHED"
+# bpftrace's default string size is 64 bytes: enough for a whole request line, with margin.
+STRLEN_ENV = {"BPFTRACE_STRLEN": str(LINE_MAX + 8)}
+
+_ENV = jinja2.Environment(
+    loader=jinja2.FileSystemLoader(TEMPLATE_DIR),
+    undefined=jinja2.StrictUndefined,
+    trim_blocks=True,
+    lstrip_blocks=True,
+    keep_trailing_newline=True,
+)
+
+
+def render_template(name: str, **values: Any) -> str:
+    """One of this folder's `.bt.j2` templates, rendered (a missing value is an error)."""
+    return _ENV.get_template(name).render(**values)
