@@ -33,6 +33,7 @@ from hypothesis import strategies as st
 
 import usmlab.kit
 from usmlab.kit import client as client_module
+from usmlab.kit import kit_files
 
 WORKLOADS_DIR = Path(usmlab.kit.__file__).parent
 START_LINE = re.compile(r"^Starting TLS server on (?:\S*):(\d+) \(PID: (\d+)\)$", re.MULTILINE)
@@ -152,10 +153,11 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
 
 @pytest.fixture
 def deployed(tmp_path: Path) -> Path:
-    """server.py and client.py copied alone into a folder, as on a target."""
+    """server.py and client.py copied alone (with labkit.py, which they share) into a folder,
+    as on a target."""
     folder = tmp_path / "deployed"
     folder.mkdir()
-    for name in ("server.py", "client.py"):
+    for name in ("server.py", "client.py", "labkit.py"):
         shutil.copy(WORKLOADS_DIR / name, folder / name)
     return folder
 
@@ -886,8 +888,9 @@ def test_summarize_invariants(samples: list[tuple[float, float, int | None]]) ->
         assert jitter == {"p50": None, "p99": None, "max": None}
 
 
-@pytest.mark.parametrize("name", ["server.py", "client.py"])
-def test_workloads_parse_as_python_3_8_and_use_only_the_standard_library(name: str) -> None:
+@pytest.mark.parametrize("name", sorted(kit_files()))
+def test_target_side_parses_as_python_3_8_and_uses_only_the_standard_library(name: str) -> None:
+    """Every file deployed onto a target: the standard library, and its siblings in the kit."""
     source = (WORKLOADS_DIR / name).read_text()
     tree = ast.parse(source, feature_version=(3, 8))
     imported = {
@@ -900,5 +903,7 @@ def test_workloads_parse_as_python_3_8_and_use_only_the_standard_library(name: s
         for node in ast.walk(tree)
         if isinstance(node, ast.ImportFrom) and node.module
     }
-    assert imported <= set(sys.stdlib_module_names), imported - set(sys.stdlib_module_names)
+    siblings = {Path(n).stem for n in kit_files()}
+    allowed = set(sys.stdlib_module_names) | siblings
+    assert imported <= allowed, imported - allowed
     assert os.access(WORKLOADS_DIR / name, os.R_OK)

@@ -22,6 +22,10 @@ class UsageError(UsmlabError):
     exit_code = 2
 
 
+class InputError(UsageError):
+    """A file given to usmlab is missing, unreadable or malformed; the message names it (exit 2)."""
+
+
 class RunInterrupted(UsmlabError):
     """Ctrl-C or SIGTERM arrived; the run is stopped and kept as `interrupted`."""
 

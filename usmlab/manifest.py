@@ -1,7 +1,9 @@
-"""Run folders and their manifest.
+"""Run folders and their manifest (docs/formats.md).
 
 Every run gets `<runs-dir>/<UTC timestamp>-<scenario>-<target>/`. The manifest is rewritten at
 each milestone, so a run that crashes or is interrupted still says what it was and what it holds.
+`Manifest` is the one type for it: the run writes it, `collect` and the analysis read it, and it
+alone decides which files are a role's logs (every client of a multi-client or restarted run).
 """
 
 from __future__ import annotations
@@ -13,9 +15,63 @@ import re
 from pathlib import Path
 from typing import Any
 
+from usmlab.errors import InputError
 from usmlab.targets.base import sha256_file
 
 MANIFEST = "manifest.json"
+
+
+class Manifest(dict[str, Any]):
+    """manifest.json of one run folder: a JSON object, saved atomically."""
+
+    def __init__(self, run_dir: Path, data: dict[str, Any] | None = None) -> None:
+        super().__init__(data or {})
+        self.run_dir = run_dir
+
+    @classmethod
+    def read(cls, run_dir: Path, missing_ok: bool = False) -> Manifest:
+        """The run folder's manifest; InputError when it is missing (unless `missing_ok`: {}),
+        unreadable or not a JSON object."""
+        path = run_dir / MANIFEST
+        if not path.exists():
+            if missing_ok:
+                return cls(run_dir)
+            raise InputError(f"{run_dir} is not a run folder (no {MANIFEST})")
+        try:
+            data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        except json.JSONDecodeError as exc:
+            raise InputError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
+        except OSError as exc:
+            raise InputError(f"{path}: cannot read ({exc.strerror})") from None
+        if not isinstance(data, dict):
+            raise InputError(f"{path}: expected a JSON object")
+        return cls(run_dir, data)
+
+    def save(self) -> None:
+        """Write atomically: a reader never sees half a manifest."""
+        tmp = self.run_dir / f".{MANIFEST}.tmp"
+        tmp.write_text(json.dumps(self, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, self.run_dir / MANIFEST)
+
+    def logs(self, role: str) -> list[Path]:
+        """The JSON-lines logs of every process of a role: `<name>.jsonl` for each process the
+        manifest lists (respawned and extra processes included), else `<role>*.jsonl`."""
+        names = [
+            p.get("name")
+            for p in self.get("processes") or []
+            if isinstance(p, dict) and p.get("role") == role and isinstance(p.get("name"), str)
+        ]
+        found = [self.run_dir / f"{n}.jsonl" for n in dict.fromkeys(names)]
+        found = [p for p in found if p.is_file()]
+        return found or sorted(self.run_dir.glob(f"{role}*.jsonl"))
+
+    @property
+    def client_logs(self) -> list[Path]:
+        return self.logs("client")
+
+    def inventory(self) -> None:
+        """Record sha256 and size of every file of the run folder."""
+        self["files"] = file_inventory(self.run_dir)
 
 
 def new_run_dir(runs_dir: Path, scenario: str, target_label: str) -> tuple[str, Path]:
@@ -47,14 +103,3 @@ def file_inventory(run_dir: Path) -> dict[str, dict[str, Any]]:
             rel = path.relative_to(run_dir).as_posix()
             files[rel] = {"sha256": sha256_file(path), "size": path.stat().st_size}
     return files
-
-
-def write_manifest(run_dir: Path, manifest: dict[str, Any]) -> None:
-    """Write atomically: a reader never sees half a manifest."""
-    tmp = run_dir / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, run_dir / MANIFEST)
-
-
-def read_manifest(run_dir: Path) -> dict[str, Any]:
-    return json.loads((run_dir / MANIFEST).read_text())

@@ -1,41 +1,38 @@
 """Named scenarios as data, in the manner of Molecule's scenarios.
 
-A scenario is a set of defaults for the workloads plus the goal it checks (taken from the seed
-README). Every parameter can be overridden from the command line; validation lives here so the
-CLI, the runner and the tests share one set of rules.
+A scenario is a set of defaults for the workloads plus the goal it checks (the original hand-run
+lab's three, then the hypotheses). Every parameter can be overridden from the command line;
+validation lives here (with the workloads' own grammar, kit/labkit.py) so the CLI, the runner
+and the workloads share one set of rules. A scenario's behaviours are features (run/features.py).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import ipaddress
-import re
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
 from usmlab.errors import UsageError
-from usmlab.kit.client import DEFAULT_PATHS as CLIENT_DEFAULT_PATHS
+from usmlab.kit import labkit
 
-# The 8 paths the original hand-run client rotated through (field notes §3); the client, which
-# must stay a standalone file, holds the one list.
-DEFAULT_PATHS: tuple[str, ...] = tuple(CLIENT_DEFAULT_PATHS)
-
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|us)?\s*$")
-_UNIT = {"us": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, None: 1.0}
+# The 8 paths the original hand-run client rotated through (docs/background.md); the workloads'
+# shared module holds the one list.
+DEFAULT_PATHS: tuple[str, ...] = tuple(labkit.DEFAULT_PATHS)
 
 
 def parse_duration(text: str | float | int, what: str = "interval") -> float:
-    """Seconds from `2s`, `500ms`, `0.1` or `1m`; the seed's Go-style flags use these forms."""
+    """Seconds from `2s`, `500ms`, `1m30s` or `0.1`: the workloads' own grammar (labkit), so
+    the CLI refuses exactly what they would."""
     if isinstance(text, int | float):
         value = float(text)
-    else:
-        match = _DURATION.match(str(text))
-        if not match:
-            raise UsageError(f"malformed {what} {text!r}: use e.g. 2s, 500ms or 0.1")
-        value = float(match.group(1)) * _UNIT[match.group(2)]
-    if value < 0:
-        raise UsageError(f"{what} must not be negative, got {text!r}")
-    return value
+        if value < 0:
+            raise UsageError(f"{what} must not be negative, got {text!r}")
+        return value
+    try:
+        return labkit.parse_duration(str(text))
+    except ValueError as exc:
+        raise UsageError(f"malformed {what}: {exc}") from None
 
 
 def check_url(url: str) -> tuple[str, int]:
@@ -71,8 +68,8 @@ GO_ONLY = ("transport_per_request", "skip_close", "gc_every", "http2")
 class Params:
     """What the workloads are asked to do in one run.
 
-    The defaults are the seed's single Python client against a single server; the fields after
-    `paths` describe the hypothesis scenarios (field notes §3).
+    The defaults are the original lab's single Python client against a single server; the fields
+    after `paths` describe the hypothesis scenarios (docs/background.md).
     """
 
     url: str = "https://127.0.0.1:8443"
@@ -107,8 +104,10 @@ class Params:
             raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
         if self.connection not in ("new", "reuse"):
             raise UsageError(f"connection must be 'new' or 'reuse', got {self.connection!r}")
-        if not self.paths or any(not p.startswith("/") for p in self.paths):
-            raise UsageError("paths must be a comma-separated list of paths starting with '/'")
+        try:
+            labkit.check_paths(tuple(self.paths))
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
         if self.client not in CLIENT_KINDS:
             raise UsageError(f"client must be python or go, got {self.client!r}")
         if any(not 0 < p < 65536 for p in self.servers) or len(set(self.servers)) != len(
@@ -303,4 +302,8 @@ def parse_ports(text: str) -> tuple[int, ...]:
 
 
 def parse_paths(text: str) -> tuple[str, ...]:
-    return tuple(p.strip() for p in text.split(",") if p.strip())
+    """`/a,/b` → ("/a", "/b"), by the client's own rules (labkit.check_paths)."""
+    try:
+        return labkit.parse_paths(text)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None

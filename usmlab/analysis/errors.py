@@ -1,7 +1,9 @@
-"""The one error the analysis raises: a missing or corrupt input, said in one line."""
+"""The one error the analysis raises: a missing or corrupt input, said in one line (exit 2).
 
-from usmlab.errors import UsageError
+It is usmlab's InputError under the name the analysis modules use, so the readers they share
+with the rest of usmlab (usmlab/jsonlines.py, usmlab/manifest.py) raise it too.
+"""
 
+from usmlab.errors import InputError
 
-class AnalysisError(UsageError):
-    """An input file is missing, unreadable or malformed; the message names it (exit 2)."""
+AnalysisError = InputError

@@ -1,10 +1,10 @@
 """What a trace_pipe message says: the built-in tracer's TLS lines, USM's debug printks, or
 something else that merely mentions a lab path.
 
-Formats (docs/formats.md, field notes §2): `usmlab-tls write|read pid=N len=N line=<first line>`
+Formats (docs/formats.md, docs/trace_pipe.md): `usmlab-tls write|read pid=N len=N line=<first line>`
 and the Go probes' `usmlab-tls read-call pid=N len=N`;
 USM's `http_process: type=%d method=%d`, `http_begin_request: ...`, `<batch> event enqueued: ...`
-and friends, which carry no pid and no path; the seed README's approximate
+and friends, which carry no pid and no path; the manual lab README's approximate
 `http_process: pid=<PID> GET /path ... 127.0.0.1:<port> -> 127.0.0.1:8443`, which a patched tracer
 may print. Classification never fails: what is not recognised is an `unknown` event, counted.
 """
@@ -82,7 +82,8 @@ class TlsEvent(MessageEvent):
 class UsmEvent(MessageEvent):
     """A USM debug printk. `batch` names the batch of batch lines (http, http2,
     terminated_http2); `src`/`dst` are `addr:port` when the message carries a connection tuple
-    (the seed README's form). The per-message numbers are in `usm_fields(message)`."""
+    (the manual lab README's form, docs/background.md). The per-message numbers are in
+    `usm_fields(message)`."""
 
     batch: str | None = None
     src: str | None = None
@@ -109,7 +110,7 @@ _TLS_READ_CALL = re.compile(r"usmlab-tls read-call pid=(\d+) len=(-?\d+)")
 _REQUEST_LINE = re.compile(r"([A-Z]{3,10}) (\S+)(?: HTTP/\d(?:\.\d)?)?")
 _STATUS_LINE = re.compile(r"HTTP/\d(?:\.\d)? (\d{3})(?: .*)?", re.DOTALL)
 _LAB_PATH = re.compile(r"(/api/|/server)[^\s\"'<>,;]*")
-_SEED_FORM = re.compile(r"http_process: pid=(\d+) ([A-Z]{3,10}) (\S+)(.*)", re.DOTALL)
+_README_FORM = re.compile(r"http_process: pid=(\d+) ([A-Z]{3,10}) (\S+)(.*)", re.DOTALL)
 _TUPLE = re.compile(r"(\S+:\d+) -> (\S+:\d+)")
 _HEX = r"[0-9a-fA-Fx]+"
 # First word -> pattern of USM's fixed formats; the named groups are the message's fields.
@@ -156,7 +157,7 @@ def lab_path_in(text: str) -> str | None:
 
 
 def _usm_match(message: str) -> re.Match[str] | None:
-    """The full match of one of USM's own formats (not the seed README's form)."""
+    """The full match of one of USM's own formats (not the manual lab README's form)."""
     first = message.partition(" ")[0]
     pattern = _BATCH if first in _BATCH_KINDS else _USM.get(first)
     return pattern.match(message) if pattern is not None else None
@@ -239,7 +240,7 @@ _GO_TLS = UsmEvent("go_tls")
 
 
 def _usm(message: str) -> MessageEvent | None:
-    """USM's formats by their fixed leading words; the seed README's form in full."""
+    """USM's formats by their fixed leading words; the manual lab README's form in full."""
     label, colon, _ = message.partition(":")
     if not colon:
         label = ""
@@ -247,10 +248,10 @@ def _usm(message: str) -> MessageEvent | None:
     if shared is not None:
         return shared
     if label == "http_process":
-        seed = _SEED_FORM.match(message)
-        if seed is None:
+        readme = _README_FORM.match(message)
+        if readme is None:
             return _HTTP_PROCESS if message.startswith("http_process: type=") else None
-        pid, method, path, rest = seed.groups()
+        pid, method, path, rest = readme.groups()
         tup = _TUPLE.search(rest)
         return UsmEvent(
             "http_event",

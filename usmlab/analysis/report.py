@@ -20,7 +20,6 @@ from usmlab.analysis.runfiles import (
     add_manifest_processes,
     add_workload_threads,
     read_client_log,
-    read_manifest,
     read_server_log,
     read_thread_source,
     read_threads_jsonl,
@@ -29,6 +28,7 @@ from usmlab.analysis.runfiles import (
 from usmlab.analysis.threads import ThreadMap
 from usmlab.analysis.verdict import LabContext, Verdict, correlate
 from usmlab.analysis.verdict import exit_status as _outcome_status
+from usmlab.manifest import Manifest
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -155,13 +155,13 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise AnalysisError(f"{run_dir}: no such run folder")
-    manifest = read_manifest(run_dir / "manifest.json")
+    manifest = Manifest.read(run_dir, missing_ok=True)
     threads = ThreadMap()
     add_manifest_processes(threads, manifest)
     if (run_dir / "threads.jsonl").exists():
         read_threads_jsonl(threads, run_dir / "threads.jsonl")
-    client_logs = workload_logs(run_dir, manifest, "client")
-    server_logs = workload_logs(run_dir, manifest, "server")
+    client_logs = manifest.client_logs
+    server_logs = manifest.logs("server")
     requests = [r for path in client_logs for r in read_client_log(path)]
     requests.sort(key=lambda r: (r.start, r.seq))
     records = [r for path in server_logs for r in read_server_log(path)]
@@ -214,19 +214,6 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     report = _build(verdict, ctx, source)
     report.system_probe = system_probe
     return report
-
-
-def workload_logs(run_dir: Path, manifest: dict[str, Any], role: str) -> list[Path]:
-    """The JSON-lines logs of every process of a role: `<name>.jsonl` for each process the
-    manifest lists (respawned and extra processes included), else `<role>*.jsonl`."""
-    names = [
-        p.get("name")
-        for p in manifest.get("processes") or []
-        if isinstance(p, dict) and p.get("role") == role and isinstance(p.get("name"), str)
-    ]
-    paths = [run_dir / f"{name}.jsonl" for name in dict.fromkeys(names)]
-    found = [p for p in paths if p.is_file()]
-    return found or sorted(run_dir.glob(f"{role}*.jsonl"))
 
 
 def parse_role_pairs(pairs: list[str]) -> dict[str, list[int]]:

@@ -7,62 +7,16 @@ corruption and stops the analysis with a message naming the file and line.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import orjson
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.threads import ThreadMap, role_kind
 from usmlab.analysis.verdict import Request, ServerRecord
+from usmlab.jsonlines import iter_jsonl as _jsonl
 
-# bpftrace prints this on machines with a low memlock limit; probes still load (field notes §4).
+# bpftrace prints this on machines with a low memlock limit; probes still load (docs/tracers.md).
 _HARMLESS_TRACER_LINES = ("RLIMIT_MEMLOCK",)
-
-
-def read_manifest(path: Path) -> dict[str, Any]:
-    """manifest.json, or {} when the run has none."""
-    if not path.exists():
-        return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
-    except json.JSONDecodeError as exc:
-        raise AnalysisError(f"{path}: not valid JSON (line {exc.lineno}: {exc.msg})") from None
-    except OSError as exc:
-        raise AnalysisError(f"{path}: cannot read ({exc.strerror})") from None
-    if not isinstance(data, dict):
-        raise AnalysisError(f"{path}: expected a JSON object")
-    return data
-
-
-def _jsonl(path: Path) -> Iterator[tuple[int, dict[str, Any]]]:
-    """(line number, object) for each line; a truncated last line is skipped.
-
-    orjson parses these logs (one line per request) about three times faster than json; what
-    it refuses (NaN, bytes that are not UTF-8, blank lines) gets json's lenient second look.
-    """
-    try:
-        lines = path.read_bytes().split(b"\n")
-    except OSError as exc:
-        raise AnalysisError(f"{path}: cannot read ({exc.strerror})") from None
-    loads = orjson.loads
-    last = len(lines)
-    for number, line in enumerate(lines, 1):
-        try:
-            item = loads(line)
-        except orjson.JSONDecodeError:
-            text = line.decode("utf-8", "replace")
-            try:
-                item = json.loads(text)
-            except ValueError:
-                if not text.strip() or number == last:  # blank, or the writer stopped mid-line
-                    continue
-                raise AnalysisError(f"{path}: line {number} is not valid JSON") from None
-        if type(item) is not dict:
-            raise AnalysisError(f"{path}: line {number} is not a JSON object")
-        yield number, item
 
 
 def _int(value: Any) -> int | None:

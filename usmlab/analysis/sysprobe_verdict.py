@@ -1,6 +1,6 @@
 """Judge system-probe's own record of the lab traffic: right server, right process?
 
-Two checks (field notes §3, docs/sysprobe.md):
+Two checks (docs/background.md, docs/sysprobe.md):
 
 - Path vs port. The two-server lab answers `/server8443/...` on 8443 and `/server9443/...` on
   9443, so a path names the server it was sent to. An aggregate whose path names one server but
@@ -19,14 +19,12 @@ summed over all of a run's files. Memory follows the number of lab connections, 
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 from usmlab.analysis.errors import AnalysisError
-from usmlab.analysis.runfiles import read_manifest
 from usmlab.analysis.sysprobe_parse import (
     CONNECTIONS_DUMP,
     HTTP_DUMPS,
@@ -37,6 +35,8 @@ from usmlab.analysis.sysprobe_parse import (
     dump_files,
     iter_http_entries,
 )
+from usmlab.jsonlines import read_jsonl
+from usmlab.manifest import Manifest
 
 SERVER_PATH = re.compile(r"^/server(\d{1,5})(?:/|$)")
 MAX_LISTED = 50
@@ -295,38 +295,26 @@ def _lab_processes(run_dir: Path, manifest: dict[str, Any]) -> tuple[set[int], s
                 ports.add(proc["port"])
         elif role == "client" and isinstance(pid, int):
             clients.add(pid)
-    threads = run_dir / "threads.jsonl"
-    if threads.is_file():
-        # The sampler sees restarted workloads too, whose pids the manifest does not list.
-        with threads.open(encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                pid = record.get("pid") if isinstance(record, dict) else None
-                if not isinstance(pid, int):
-                    continue
-                if record.get("role") == "client":
-                    clients.add(pid)
-                elif record.get("role") == "server":
-                    servers.add(pid)
+    # The sampler sees restarted workloads too, whose pids the manifest does not list.
+    for record in read_jsonl(run_dir / "threads.jsonl", missing_ok=True):
+        pid = record.get("pid")
+        if not isinstance(pid, int):
+            continue
+        if record.get("role") == "client":
+            clients.add(pid)
+        elif record.get("role") == "server":
+            servers.add(pid)
     return ports, clients, servers
 
 
-def _lab_paths(run_dir: Path) -> set[str]:
-    """Distinct paths the lab clients sent (client*.jsonl)."""
-    paths: set[str] = set()
-    for log in sorted(run_dir.glob("client*.jsonl")):
-        with log.open(encoding="utf-8", errors="replace") as handle:
-            for line in handle:
-                try:
-                    record = json.loads(line)
-                except ValueError:
-                    continue
-                if isinstance(record, dict) and isinstance(record.get("path"), str):
-                    paths.add(record["path"])
-    return paths
+def _lab_paths(manifest: Manifest) -> set[str]:
+    """Distinct paths the lab clients sent (every client's log)."""
+    return {
+        record["path"]
+        for log in manifest.client_logs
+        for record in read_jsonl(log)
+        if isinstance(record.get("path"), str)
+    }
 
 
 def summarize_run(run_dir: Path, manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
@@ -335,6 +323,8 @@ def summarize_run(run_dir: Path, manifest: dict[str, Any] | None = None) -> dict
     if not any(dump_files(folder, n) for n in (*HTTP_DUMPS, CONNECTIONS_DUMP)):
         return None
     if manifest is None:
-        manifest = read_manifest(run_dir / "manifest.json")
+        manifest = Manifest.read(run_dir, missing_ok=True)
+    elif not isinstance(manifest, Manifest):
+        manifest = Manifest(run_dir, manifest)
     ports, clients, servers = _lab_processes(run_dir, manifest)
-    return judge_dumps(folder, ports, clients, servers, _lab_paths(run_dir))
+    return judge_dumps(folder, ports, clients, servers, _lab_paths(manifest))

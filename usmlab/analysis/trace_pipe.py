@@ -1,4 +1,4 @@
-"""Streaming parser for the text of /sys/kernel/tracing/trace_pipe (field notes §2).
+"""Streaming parser for the text of /sys/kernel/tracing/trace_pipe (docs/trace_pipe.md).
 
 A line is `<comm>-<TID> [<cpu>] <flags> <seconds.micro>: <event>: <message>`; a physical line that
 is not a header continues the previous record's message, `CPU:N [LOST M EVENTS]` reports data the

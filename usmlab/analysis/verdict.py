@@ -1,7 +1,7 @@
 """Which process was each request attributed to, and is that right: the lab's verdict.
 
 Every request the client sent is looked for in the trace: by path and time where the message
-carries a path (the built-in tracer, the seed README's form, anything naming a lab path), by
+carries a path (the built-in tracer, the manual lab README's form, anything naming a lab path), by
 thread and time for USM's pathless printks. A capture in the client's threads is right, one in
 the server's is the expected loopback double capture; a request the client was not credited with
 but another process was is a misattribution (named: pid, tid, comm), as is one tied to the wrong
@@ -52,7 +52,7 @@ _OFFSET_SCAN_BYTES = 32 << 20
 _CLIENT, _SERVER, _OTHER, _WRONG = 1, 2, 4, 8
 _LAB_ROLES = frozenset({"client", "server"})
 # Messages printed in the attributed process's own thread (the built-in tracer's), so the
-# header's comm names that process; USM's seed form prints in the tracer's thread instead.
+# header's comm names that process; the README form prints in the tracer's thread instead.
 _OWN_THREAD_KINDS = frozenset({"tls_write", "tls_read", "tls_read_call"})
 _SERVER_IN_PATH = re.compile(r"/server(\d{1,5})(?:/|$)")
 _TRAFFIC_INDEXES = frozenset(KINDS.index(k) for k in TRAFFIC_KINDS)
@@ -962,7 +962,8 @@ def correlate(ctx: LabContext, trace: Path | None, workers: int | None = None) -
 
 
 def hints_for(verdict: Verdict, ctx: LabContext) -> list[str]:
-    """What to check next, chosen from what the run shows (seed README troubleshooting)."""
+    """What to check next, chosen from what the run shows (the manual lab's troubleshooting
+    checklist, docs/background.md)."""
     hints: list[str] = []
     stats = verdict.stats
     counts = verdict.requests

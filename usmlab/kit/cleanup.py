@@ -5,8 +5,8 @@ Every process usmlab starts carries USMLAB_RUN_ID in its environment, and every 
 marker `<work_dir>/active/<run_id>` (JSON: pid, run_dir) naming the process whose life is the
 run's life (the local controller, or the SSH lease), written before the run starts anything and
 removed when it ends cleanly. A process of a run whose marker names a dead lifeline is a
-leftover: its process group gets SIGTERM, then SIGKILL. Processes of runs without a marker here
-(another work dir's) and processes without the variable are never touched.
+leftover: its process group gets SIGTERM, then SIGKILL (labkit.stop_groups). Processes of runs
+without a marker here (another work dir's) and processes without the variable are never touched.
 tracefs settings and NAT rules a crashed run left are undone from the state files it wrote.
 """
 
@@ -14,10 +14,13 @@ import argparse
 import contextlib
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
+
+if __package__:  # imported on the controller as usmlab.kit.cleanup
+    from .labkit import CRASH_LADDER, stop_groups
+else:  # run on the target, where labkit.py is deployed beside this script
+    from labkit import CRASH_LADDER, stop_groups
 
 
 def run_id_of(pid):
@@ -78,17 +81,6 @@ def leftovers(dead_runs):
     return found
 
 
-def stop_groups(found):
-    groups = sorted({pgid for _, _, pgid in found})
-    for sig, grace in ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0)):
-        for pgid in groups:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and any(run_id_of(pid) for _, pid, _ in found):
-            time.sleep(0.05)
-
-
 def main(argv):
     parser = argparse.ArgumentParser(prog="cleanup.py")
     parser.add_argument("--work-dir", required=True)
@@ -103,7 +95,7 @@ def main(argv):
         if not is_live and (not args.run_id or run_id == args.run_id)
     }
     found = leftovers(dead)
-    stop_groups(found)
+    stop_groups({pgid for _, _, pgid in found}, CRASH_LADDER)
     for run_id, pid, pgid in found:
         print(json.dumps({"run_id": run_id, "pid": pid, "pgid": pgid}))
     here = os.path.dirname(os.path.abspath(__file__))

@@ -2,49 +2,61 @@
 """HTTPS client that replays the lab's Kubernetes-API traffic on a fixed schedule.
 
 It is copied onto a target and run with a bare ``python3`` (3.8+, standard library only), so it
-imports nothing from usmlab. Flags ``-url``, ``-count`` and ``-interval`` match the original Go
-test client. Request k is due at ``t0 + k * interval`` whatever earlier requests took, so the
-traffic pattern is the same on every run; each request becomes one JSON line in ``--log``
-(format in docs/formats.md) with the socket details the analysis needs to attribute it.
+imports nothing from usmlab but its sibling ``labkit``. Flags ``-url``, ``-count`` and
+``-interval`` match the original Go test client. Request k is due at ``t0 + k * interval``
+whatever earlier requests took, so the traffic pattern is the same on every run; each request
+becomes one JSON line in ``--log`` (format in docs/formats.md) with the socket details the
+analysis needs to attribute it.
 
 The bug reproduced with two servers on different ports, each answering a path that names it, so
 one client can rotate over several servers (``-url a,b``: request k goes to url k % n) and a path
 can name the server it is sent to (``--paths /server{port}/identify``).
 
-Importable too: ``parse_duration``, ``parse_url`` and ``summarize`` are reused by the runner.
+What it shares with the server and the CLI (the JSON-lines writer, the duration and path
+grammar) is in ``labkit.py``, deployed beside it. ``summarize`` is reused by the controller.
 """
 
 import argparse
 import contextlib
 import http.client
-import json
 import math
 import os
-import re
 import signal
 import socket
 import ssl
 import sys
 import threading
 import time
-from typing import IO, Any, Dict, Iterable, List, NoReturn, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
+
+if __package__:  # imported on the controller as usmlab.kit.client
+    from .labkit import (
+        DEFAULT_PATHS,
+        PORT_TOKEN,
+        JsonLinesLog,
+        OneLineArgumentParser,
+        format_address,
+        one_line,
+        parse_duration,
+        parse_paths,
+    )
+else:  # run on the target, where labkit.py is deployed beside this script
+    from labkit import (
+        DEFAULT_PATHS,
+        PORT_TOKEN,
+        JsonLinesLog,
+        OneLineArgumentParser,
+        format_address,
+        one_line,
+        parse_duration,
+        parse_paths,
+    )
 
 DEFAULT_URL = "https://127.0.0.1:8443"
 DEFAULT_COUNT = 10
 DEFAULT_INTERVAL = "1s"
 DEFAULT_TIMEOUT = "10s"
-# The 8 paths the original client rotated through (field notes, section 3).
-DEFAULT_PATHS = (
-    "/api/v1/persistentvolumes/pvc-63958627-daf8-4858-bf79-3818733c87b4",
-    "/api/v1/persistentvolumes/pvc-33641375-8db3-4ff3-b172-2ba76ce132fe",
-    "/api/v1/persistentvolumes/pvc-12345678-1234-1234-1234-123456789abc",
-    "/api/v1/namespaces/orgstore-maze/configmaps",
-    "/api/v1/namespaces/postgres-orgstore-proposals/configmaps",
-    "/api/v1/namespaces/datadog-agent/configmaps",
-    "/api/v1/namespaces/zookeeper-lockness/configmaps",
-    "/api/v1/namespaces/kube-system/pods",
-)
 USER_AGENT = "usmlab-client/1"
 # After SIGINT/SIGTERM, in-flight requests get this long to finish before being abandoned.
 STOP_GRACE_S = 2.0
@@ -64,36 +76,6 @@ class UsageError(Exception):
 # ---------------------------------------------------------------------------------------------
 # Input parsing
 
-_NUMBER = r"(?:\d+(?:\.\d*)?|\.\d+)"
-_DURATION_TERM = re.compile(r"(" + _NUMBER + r")(us|µs|ms|s|m|h)")
-_UNIT_SECONDS = {"us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
-
-
-def parse_duration(text: str) -> float:
-    """Seconds from ``2s``, ``500ms``, ``250us``, ``1m``, ``1m30s`` (Go style) or ``0.1``.
-
-    Raises ValueError with a user-facing message for anything else, negatives included.
-    """
-    spec = text.strip()
-    if spec.startswith("-"):
-        raise ValueError("duration must not be negative: {!r}".format(text))
-    if re.fullmatch(_NUMBER + r"(?:[eE][+-]?\d+)?", spec):  # also str(float), e.g. 1e-05
-        return float(spec)
-    total, pos = 0.0, 0
-    while pos < len(spec):
-        term = _DURATION_TERM.match(spec, pos)
-        if term is None:
-            break
-        total += float(term.group(1)) * _UNIT_SECONDS[term.group(2)]
-        pos = term.end()
-    if not spec or pos != len(spec):
-        raise ValueError(
-            "invalid duration {!r} (use e.g. 2s, 500ms, 1m30s or plain seconds like 0.1)".format(
-                text
-            )
-        )
-    return total
-
 
 class Target:
     """Where requests go: host, port and an optional path prefix from the URL."""
@@ -107,11 +89,6 @@ class Target:
     def remote(self) -> str:
         """``host:port`` as written in client.jsonl (IPv6 hosts in brackets)."""
         return format_address(self.host, self.port)
-
-
-def format_address(host: str, port: int) -> str:
-    """``host:port`` with IPv6 hosts in brackets."""
-    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
 
 
 def parse_url(url: str) -> Target:
@@ -137,34 +114,6 @@ def parse_urls(text: str) -> Tuple[Target, ...]:
     if not urls:
         raise ValueError("invalid url {!r}: expected https://host[:port][/path]".format(text))
     return tuple(parse_url(u) for u in urls)
-
-
-# The one token a path may contain: replaced by the port of the server the request goes to.
-PORT_TOKEN = "{port}"
-_BRACED = re.compile(r"\{[^{}]*\}")
-
-
-def parse_paths(text: str) -> Tuple[str, ...]:
-    """Comma-separated absolute paths, ``{port}`` allowed; ValueError on anything else."""
-    paths = tuple(p.strip() for p in text.split(",") if p.strip())
-    if not paths:
-        raise ValueError("--paths needs at least one path")
-    for path in paths:
-        if not path.startswith("/") or any(c.isspace() for c in path):
-            raise ValueError(
-                "invalid path {!r}: paths start with / and have no spaces".format(path)
-            )
-        rest = path.replace(PORT_TOKEN, "")
-        if "{" in rest or "}" in rest:
-            unknown = _BRACED.search(rest)
-            raise ValueError(
-                "invalid path {!r}: {} (the only token is {})".format(
-                    path,
-                    "unknown token " + unknown.group(0) if unknown else "unmatched brace",
-                    PORT_TOKEN,
-                )
-            )
-    return paths
 
 
 def expand_path(template: str, port: int) -> str:
@@ -200,14 +149,6 @@ class ClientConfig:
         self.log = log
         self.timeout = timeout
         self.check = check
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Usage errors as one ``error: ...`` line and exit status 2, never a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        print("error: {}".format(message), file=sys.stderr)
-        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -435,12 +376,6 @@ def format_summary(stats: Dict[str, Any]) -> List[str]:
 
 # ---------------------------------------------------------------------------------------------
 # Running requests
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as a single line, as client.jsonl's ``error`` field requires."""
-    text = " ".join(str(exc).split())
-    return "{}: {}".format(type(exc).__name__, text) if text else type(exc).__name__
 
 
 def make_tls_context(cacert: Optional[str]) -> ssl.SSLContext:
@@ -721,30 +656,6 @@ class LabClient:
         # stdout gone (closed pipe): keep the jsonl going
         with self._print_lock, contextlib.suppress(OSError, ValueError):
             print(line, flush=True)
-
-
-class JsonLinesLog:
-    """Thread-safe, line-buffered JSON-lines file: a killed client keeps every line written."""
-
-    def __init__(self, path: Optional[str]) -> None:
-        self._lock = threading.Lock()
-        self._file: Optional[IO[str]] = None
-        if path:
-            # Open for the whole run (closed by close()); line-buffered so each line is flushed.
-            self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-
-    def write(self, record: Record) -> None:
-        line = json.dumps(record, separators=(", ", ": ")) + "\n"
-        with self._lock:
-            if self._file is not None:
-                self._file.write(line)
-                self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
 
 
 # ---------------------------------------------------------------------------------------------

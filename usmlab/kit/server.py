@@ -2,9 +2,9 @@
 """HTTPS server that looks like the Kubernetes API, for the USM misattribution lab.
 
 It is copied onto a target and run with a bare ``python3`` (3.8+, standard library only), so it
-imports nothing from usmlab. Every request served becomes one JSON line in ``--log`` (format in
-docs/formats.md): the analysis matches what the server saw against what the client sent and
-what the tracer attributed.
+imports nothing from usmlab but its sibling ``labkit``. Every request served becomes one JSON
+line in ``--log`` (format in docs/formats.md): the analysis matches what the server saw
+against what the client sent and what the tracer attributed.
 """
 
 import argparse
@@ -21,7 +21,12 @@ import time
 import uuid
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import IO, Any, Dict, List, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
+
+if __package__:  # imported on the controller as usmlab.kit.server
+    from .labkit import JsonLinesLog, OneLineArgumentParser, format_address, one_line
+else:  # run on the target, where labkit.py is deployed beside this script
+    from labkit import JsonLinesLog, OneLineArgumentParser, format_address, one_line
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8443
@@ -188,36 +193,6 @@ def route(path: str, port: int, pid: int, name: str) -> Tuple[int, JsonObject]:
 
 # ---------------------------------------------------------------------------------------------
 # Serving
-
-
-class JsonLinesLog:
-    """Thread-safe, line-buffered JSON-lines file: a killed server keeps every line written."""
-
-    def __init__(self, path: Optional[str]) -> None:
-        self._lock = threading.Lock()
-        self._file: Optional[IO[str]] = None
-        if path:
-            # Open for the whole run (closed by close()); line-buffered so each line is flushed.
-            self._file = open(path, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
-
-    def write(self, record: JsonObject) -> None:
-        line = json.dumps(record, separators=(", ", ": ")) + "\n"
-        with self._lock:
-            if self._file is not None:
-                self._file.write(line)
-                self._file.flush()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._file is not None:
-                self._file.close()
-                self._file = None
-
-
-def one_line(exc: BaseException) -> str:
-    """An exception as a single line, for logs that are parsed line by line."""
-    text = " ".join(str(exc).split())
-    return "{}: {}".format(type(exc).__name__, text) if text else type(exc).__name__
 
 
 class LabRequestHandler(BaseHTTPRequestHandler):
@@ -387,21 +362,8 @@ class LabServer(HTTPServer):
             print(line, flush=True)
 
 
-def format_address(host: str, port: int) -> str:
-    """``host:port`` with IPv6 hosts in brackets."""
-    return "[{}]:{}".format(host, port) if ":" in host else "{}:{}".format(host, port)
-
-
 # ---------------------------------------------------------------------------------------------
 # Command line
-
-
-class OneLineArgumentParser(argparse.ArgumentParser):
-    """Usage errors as one ``error: ...`` line and exit status 2, never a usage dump."""
-
-    def error(self, message: str) -> NoReturn:
-        print("error: {}".format(message), file=sys.stderr)
-        sys.exit(EXIT_USAGE)
 
 
 def build_parser() -> argparse.ArgumentParser:

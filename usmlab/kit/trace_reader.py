@@ -3,7 +3,7 @@
 
 Unlike `cat`, it drains what is still buffered when asked to stop, so the last lines a tracer
 wrote before it detached are kept, and it says at once, with its own exit status, when another
-reader already holds trace_pipe (EBUSY): only one may have it open (field notes §2).
+reader already holds trace_pipe (EBUSY): only one may have it open (docs/trace_pipe.md).
 
 With `--prepare STATE` it first prepares tracefs (tracefs.py: buffer, clock, emptied; the state
 as one JSON line on stdout) and puts it back when it ends, drained or interrupted: one process

@@ -131,6 +131,31 @@ def restore(state_file):
     return 0
 
 
+def status():
+    """Where trace_pipe is, whether a reader holds it (and who), whether tracefs can be mounted;
+    one JSON line, for `usmlab doctor`."""
+    path = next((p for p in CANDIDATES if os.path.exists(os.path.join(p, "trace_pipe"))), None)
+    out = {"path": path, "busy": False, "holders": [], "mountable": False}
+    if path is None:
+        with open("/proc/filesystems") as handle:
+            out["mountable"] = any(line.split()[-1:] == ["tracefs"] for line in handle)
+    else:
+        out["busy"] = trace_pipe_busy(path)
+    if out["busy"]:
+        for pid in filter(str.isdigit, os.listdir("/proc")):
+            try:
+                fds = os.listdir("/proc/%s/fd" % pid)
+                if any(
+                    os.readlink("/proc/%s/fd/%s" % (pid, fd)).endswith("/trace_pipe") for fd in fds
+                ):
+                    with open("/proc/%s/comm" % pid) as comm:
+                        out["holders"].append("%s (%s)" % (pid, comm.read().strip()))
+            except OSError:
+                continue
+    print(json.dumps(out))
+    return 0
+
+
 def main(argv):
     parser = argparse.ArgumentParser(prog="tracefs.py")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -140,7 +165,10 @@ def main(argv):
     prep.add_argument("--clock", default="mono")
     rest = sub.add_parser("restore")
     rest.add_argument("--state", required=True)
+    sub.add_parser("status")
     args = parser.parse_args(argv)
+    if args.command == "status":
+        return status()
     if args.command == "prepare":
         return prepare(args.state, args.buffer_kb, args.clock)
     return restore(args.state)

@@ -1,13 +1,13 @@
 """Ending what crashed runs left behind on a target (`usmlab cleanup`, and before every run).
 
-The work happens on the target in kit/cleanup.py; this is the controller's side of it.
+The work happens on the target in kit/cleanup.py; this is the controller's half of it.
 """
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
+from usmlab.jsonlines import parse_json_lines
 from usmlab.kit import kit_files
 from usmlab.targets.base import Target
 
@@ -21,10 +21,4 @@ def clean_target(target: Target, run_id: str | None = None, deploy: bool = True)
     if run_id:
         argv += ["--run-id", run_id]
     result = target.run(argv, sudo=target.can_sudo(), check=False)
-    ended = []
-    for line in result.stdout.splitlines():
-        try:
-            ended.append(json.loads(line))
-        except ValueError:
-            continue
-    return ended
+    return parse_json_lines(result.stdout)

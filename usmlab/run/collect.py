@@ -10,11 +10,10 @@ from __future__ import annotations
 import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from usmlab.analysis.report import Report, analyze_run, write_report
 from usmlab.errors import UsageError
-from usmlab.manifest import file_inventory, now_iso, read_manifest, write_manifest
+from usmlab.manifest import Manifest, now_iso
 from usmlab.run.cleanup import clean_target
 from usmlab.targets import open_target
 
@@ -23,7 +22,7 @@ from usmlab.targets import open_target
 class Collected:
     run_dir: Path
     fetched: list[str]
-    manifest: dict[str, Any]
+    manifest: Manifest
     report: Report | None
 
 
@@ -31,8 +30,8 @@ def collect_run(
     run_dir: Path, identity: Path | None = None, work_dir: str | None = None
 ) -> Collected:
     try:
-        manifest = read_manifest(run_dir)
-    except (OSError, ValueError):
+        manifest = Manifest.read(run_dir)
+    except UsageError:
         raise UsageError(f"{run_dir} is not a run folder (no readable manifest.json)") from None
     where = manifest.get("target") or {}
     spec, remote_dir = where.get("spec"), where.get("run_dir")
@@ -49,10 +48,10 @@ def collect_run(
             target.close()
     manifest["collected"] = now_iso()
     report = None
-    if (run_dir / "client.jsonl").exists():
+    if manifest.client_logs:  # every client: client.jsonl, client-1.jsonl, client-r1.jsonl, ...
         report = analyze_run(run_dir)
         write_report(report, run_dir)
         manifest["outcome"] = report.outcome
-    manifest["files"] = file_inventory(run_dir)
-    write_manifest(run_dir, manifest)
+    manifest.inventory()
+    manifest.save()
     return Collected(run_dir, fetched, manifest, report)

@@ -1,4 +1,4 @@
-"""`usmlab doctor`: the seed README's troubleshooting checklist, run on a target in one go.
+"""`usmlab doctor`: the manual lab's troubleshooting checklist, run on a target in one go.
 
 Each check answers one question a user asks when no eBPF logs appear or TLS fails (is
 usm-debugger running, are its probes attached, is trace_pipe readable, does the server listen
@@ -23,32 +23,9 @@ PROCESS_NAME = "usm-debugger"
 MIN_KERNEL = (4, 14)  # USM's minimum kernel
 HANDSHAKE_TIMEOUT = 3.0
 
+
 # Run as root on the target with the kit dir as argv[1]: where tracefs is, whether trace_pipe
 # is busy and who holds it. Never reads trace_pipe (that would consume another reader's data).
-_TRACE_PIPE_PROBE = r"""
-import json, os, sys
-sys.path.insert(0, sys.argv[1])
-import tracefs
-path = next((p for p in tracefs.CANDIDATES if os.path.exists(os.path.join(p, "trace_pipe"))), None)
-out = {"path": path, "busy": False, "holders": [], "mountable": False}
-if path is None:
-    with open("/proc/filesystems") as handle:
-        out["mountable"] = any(line.split()[-1:] == ["tracefs"] for line in handle)
-else:
-    out["busy"] = tracefs.trace_pipe_busy(path)
-if out["busy"]:
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            fds = os.listdir("/proc/%s/fd" % pid)
-            if any(os.readlink("/proc/%s/fd/%s" % (pid, fd)).endswith("/trace_pipe") for fd in fds):
-                with open("/proc/%s/comm" % pid) as comm:
-                    out["holders"].append("%s (%s)" % (pid, comm.read().strip()))
-        except OSError:
-            continue
-print(json.dumps(out))
-"""
-
-
 @dataclass(frozen=True)
 class Check:
     """One line of the doctor's table."""
@@ -278,7 +255,8 @@ def _trace_pipe_check(target: Target, kit_dir: str, root: bool) -> Check:
     hint = "sudo cat /sys/kernel/tracing/trace_pipe"
     if not root:
         return Check(name, None, "skipped: reading trace_pipe needs root", hint)
-    done = target.run(target.python("-c", _TRACE_PIPE_PROBE, kit_dir), sudo=True, check=False)
+    tracefs = target.join(kit_dir, "tracefs.py")
+    done = target.run(target.python(tracefs, "status"), sudo=True, check=False)
     try:
         state: dict[str, Any] = json.loads(done.stdout)
     except ValueError:

@@ -2,7 +2,7 @@
 
 The client must run, and be probed, where the traffic is, and a binary built elsewhere may not
 match the target's architecture. Go is often not on PATH in a non-interactive SSH command (it was
-installed with gimme under the user's home, field notes §1), so it is looked up in a login shell
+installed with gimme under the user's home, docs/tracers.md), so it is looked up in a login shell
 first, then in the usual install folders. A failed build is shown verbatim, never summarised.
 """
 

@@ -11,12 +11,12 @@ ephemeral range.
 from __future__ import annotations
 
 import ipaddress
-import json
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from usmlab.errors import UsageError, UsmlabError
+from usmlab.jsonlines import parse_json_lines
 from usmlab.targets.base import CommandResult, Target
 
 STATE_NAME = ".nat-state.json"  # in the run folder on the target; dot files are not inventoried
@@ -38,10 +38,6 @@ def _kit_failure(what: str, result: CommandResult) -> UsmlabError:
     lines = (result.stderr or result.stdout).strip().splitlines()
     detail = lines[-1].removeprefix("error: ") if lines else f"exit status {result.exit_code}"
     return UsmlabError(f"{what}: {detail}")
-
-
-def _json_lines(text: str) -> list[dict[str, Any]]:
-    return [json.loads(line) for line in text.splitlines() if line.startswith("{")]
 
 
 def default_kit_dir(target: Target) -> str:
@@ -104,7 +100,7 @@ class NatRule:
         result = target.run(argv, sudo=True, check=False)
         if not result.ok:
             raise _kit_failure(f"cannot DNAT {vip}:{vport} to {to_host}:{to_port}", result)
-        details = _json_lines(result.stdout)
+        details = parse_json_lines(result.stdout)
         return cls(target, kit_dir, state_path, details[0] if details else {})
 
     @property
@@ -120,7 +116,7 @@ class NatRule:
         if not result.ok:
             raise _kit_failure(f"cannot remove the NAT rule for {self.vip}", result)
         self.removed = True
-        done = _json_lines(result.stdout)
+        done = parse_json_lines(result.stdout)
         return bool(done and done[0].get("removed"))
 
 
@@ -153,7 +149,7 @@ def leftover_tables(target: Target, kit_dir: str | None = None) -> list[NatLefto
     result = target.run(target.python(target.join(kit, "nat.py"), "list"), sudo=True, check=False)
     if not result.ok:
         raise _kit_failure("cannot list NAT rules", result)
-    return [_entry(item) for item in _json_lines(result.stdout)]
+    return [_entry(item) for item in parse_json_lines(result.stdout)]
 
 
 def remove_leftovers(
@@ -171,7 +167,7 @@ def remove_leftovers(
     result = target.run(argv, sudo=True, check=False)
     if not result.ok:
         raise _kit_failure("cannot remove leftover NAT rules", result)
-    return [_entry(item) for item in _json_lines(result.stdout)]
+    return [_entry(item) for item in parse_json_lines(result.stdout)]
 
 
 def ephemeral_ports(target: Target, kit_dir: str, count: int, host: str = "127.0.0.1") -> list[int]:
@@ -180,7 +176,7 @@ def ephemeral_ports(target: Target, kit_dir: str, count: int, host: str = "127.0
     result = target.run([*argv, "--count", str(count)], check=False)
     if not result.ok:
         raise _kit_failure("cannot pick a port in the ephemeral range", result)
-    found = _json_lines(result.stdout)
+    found = parse_json_lines(result.stdout)
     if not found:
         raise UsmlabError("ports.py printed no ports")
     return [int(port) for port in found[0]["ports"]]

@@ -13,8 +13,6 @@ returns. The files are therefore deltas, summed by usmlab/sysprobe/verdict.py.
 
 from __future__ import annotations
 
-import json
-import signal
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,7 +20,8 @@ from urllib.parse import quote
 
 from usmlab.analysis.sysprobe_parse import CONNECTIONS_DUMP, HTTP_DUMPS
 from usmlab.errors import UsmlabError
-from usmlab.targets.base import BackgroundProcess, Target
+from usmlab.jsonlines import parse_json_lines
+from usmlab.targets.base import BackgroundProcess, Target, term_then_kill
 
 DEFAULT_SOCKET = "/opt/datadog-agent/run/sysprobe.sock"
 SUBDIR = "sysprobe"  # in the run folder
@@ -31,7 +30,7 @@ LOG_NAME = "fetch.log"
 FETCH_EVERY = 10.0  # seconds; system-probe forgets a client that has not read for 2 minutes
 FIRST_ROUND_TIMEOUT = 120.0  # a busy host's connections dump takes a while
 # The fetcher finishes the round in progress on SIGTERM (an aborted read loses that delta).
-STOP_SEQUENCE = ((signal.SIGTERM, 120.0), (signal.SIGKILL, 2.0))
+STOP_SEQUENCE = term_then_kill(120.0)
 
 ENDPOINT_PATHS: dict[str, str] = {
     "http_monitoring": "/network_tracer/debug/http_monitoring",
@@ -125,11 +124,8 @@ def _round(line: str) -> dict[str, Any]:
     """The fetcher's end-of-round line as a dict; {} for any other line."""
     if not line.startswith('{"round"'):
         return {}
-    try:
-        record = json.loads(line)
-    except ValueError:
-        return {}
-    return record if isinstance(record, dict) else {}
+    found = parse_json_lines(line)
+    return found[0] if found else {}
 
 
 def stop_periodic(target: Target, proc: BackgroundProcess) -> int | None:

@@ -1,6 +1,6 @@
 """The one trace_pipe reader of a run.
 
-trace_pipe is consumed by reading and admits a single reader (field notes §2), so a run opens it
+trace_pipe is consumed by reading and admits a single reader (docs/trace_pipe.md), so a run opens it
 exactly once: before any workload starts, closed after the last one stopped. tracefs settings the
 run changes (buffer size, clock) are put back afterwards, even after Ctrl-C.
 """
@@ -8,13 +8,12 @@ run changes (buffer size, clock) are put back afterwards, even after Ctrl-C.
 from __future__ import annotations
 
 import contextlib
-import json
-import signal
 import time
 from typing import Any
 
 from usmlab.errors import UsmlabError
-from usmlab.targets.base import BackgroundProcess, Target
+from usmlab.jsonlines import parse_json_lines
+from usmlab.targets.base import BackgroundProcess, Target, term_then_kill
 
 BUFFER_KB = 16384  # per CPU: a burst of scenario3 through usm-debugger stays far below this
 
@@ -63,10 +62,10 @@ class TracePipeCapture:
         """The reader's output so far; learns the tracefs state (a JSON line) from it."""
         assert self.proc is not None
         lines = self.target.read_text(self.proc.stdout_path).splitlines()
-        for line in lines:
-            if line.startswith("{") and not self.state:
-                with contextlib.suppress(ValueError):
-                    self.state = json.loads(line)
+        if not self.state:
+            found = parse_json_lines("\n".join(lines))
+            if found:
+                self.state = found[0]
         return lines
 
     def stop(self) -> None:
@@ -75,7 +74,7 @@ class TracePipeCapture:
         code = None
         try:
             if self.proc is not None:
-                code = self.target.stop(self.proc, ((signal.SIGTERM, 5.0), (signal.SIGKILL, 2.0)))
+                code = self.target.stop(self.proc, term_then_kill(5.0))
                 if not self.state:  # stopped before wait_ready: still say what was changed
                     with contextlib.suppress(UsmlabError):
                         self._reader_lines()

@@ -18,6 +18,16 @@ def default_target_spec(cwd: Path | None = None) -> str:
     return "vagrant" if vm_exists(cwd or Path.cwd()) else "local"
 
 
+SPECS_HELP = "use 'local', 'vagrant' or 'ssh://USER@HOST[:PORT]'"
+
+
+def check_target_spec(spec: str) -> str:
+    """The spec, if it names a kind of target at all; a one-line usage error otherwise."""
+    if spec not in ("local", "vagrant") and not spec.startswith("ssh://"):
+        raise UsageError(f"unknown target {spec!r}: {SPECS_HELP}")
+    return spec
+
+
 def open_target(spec: str, identity: Path | None = None, work_dir: str | None = None) -> Target:
     """A target from its command-line spelling: `local`, `vagrant` or `ssh://USER@HOST[:PORT]`."""
     if spec == "vagrant":
@@ -42,4 +52,4 @@ def open_target(spec: str, identity: Path | None = None, work_dir: str | None = 
         from usmlab.targets.ssh import SshTarget  # fabric loads only when SSH is used
 
         return SshTarget(spec, identity=identity, work_dir=work_dir)
-    raise UsageError(f"unknown target {spec!r}: use 'local', 'vagrant' or 'ssh://USER@HOST[:PORT]'")
+    raise UsageError(f"unknown target {spec!r}: {SPECS_HELP}")

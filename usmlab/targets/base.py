@@ -55,12 +55,16 @@ class BackgroundProcess:
     handle: object | None = field(default=None, repr=False, compare=False)
 
 
-# The escalation used to stop a lab process: ask politely, then insist.
-STOP_SEQUENCE: tuple[tuple[signal.Signals, float], ...] = (
-    (signal.SIGINT, 5.0),
-    (signal.SIGTERM, 3.0),
-    (signal.SIGKILL, 2.0),
-)
+# The controller's one stop ladder is `Target.stop_many`; these are the rungs it climbs.
+Ladder = tuple[tuple[signal.Signals, float], ...]
+# A lab process: ask politely, then insist.
+STOP_SEQUENCE: Ladder = ((signal.SIGINT, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
+
+
+def term_then_kill(grace: float) -> Ladder:
+    """SIGTERM, `grace` seconds to finish (a reader draining, a restart as Kubernetes does it),
+    then SIGKILL."""
+    return ((signal.SIGTERM, grace), (signal.SIGKILL, 2.0))
 
 
 class Target(ABC):

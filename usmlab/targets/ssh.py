@@ -11,7 +11,7 @@ login profile (/etc/profile, then ~/.bash_profile, ~/.bash_login or ~/.profile) 
 without bash get `sh -c` after sourcing /etc/profile and ~/.profile. `sudo -n` never prompts: a
 sudo that wants a password fails at once with a message saying so. Root needs no sudo.
 
-Background processes are started by a small Python launcher (`_DETACH`): it forks a wrapper
+Background processes are started by a small Python launcher (kit/detach.py): it forks a wrapper
 that calls setsid (so it leads a new session and process group, pgid == pid), lets go of the SSH
 channel (stdin /dev/null, output to the given files; a channel whose stdout is still held by a
 background process never closes), and runs the command as its child in the same group. The
@@ -87,50 +87,8 @@ _SH_PROFILE = (
     '[ -r /etc/profile ] && . /etc/profile; [ -r "$HOME/.profile" ] && . "$HOME/.profile"; '
 )
 
-_DETACH = r"""# usmlab: wrapper of a detached process (see usmlab/targets/ssh.py)
-import json, os, signal, subprocess, sys
-
-exit_path, out_path, err_path, lease_path, env_json = sys.argv[1:6]
-argv = sys.argv[6:]
-reader, writer = os.pipe()
-if os.fork():
-    os.close(writer)
-    with os.fdopen(reader) as report:
-        message = report.read()
-    print(message)
-    sys.exit(0 if message.startswith("started ") else 1)
-os.close(reader)
-try:
-    os.setsid()
-    try:
-        os.remove(exit_path)
-    except FileNotFoundError:
-        pass
-    flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
-    out = os.open(out_path, flags, 0o644)
-    err = out if err_path == out_path else os.open(err_path, flags, 0o644)
-    null = os.open(os.devnull, os.O_RDWR)
-    with open("/proc/self/stat") as stat:
-        started = stat.read().rsplit(")", 1)[1].split()[19]
-    lease = os.open(lease_path, os.O_WRONLY | os.O_APPEND)
-    os.write(lease, ("%d %s\n" % (os.getpid(), started)).encode())
-    os.close(lease)
-    for fd, target in ((0, null), (1, null), (2, err)):
-        os.dup2(target, fd)
-    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
-        signal.signal(sig, lambda *_: None)
-    env = dict(os.environ, **json.loads(env_json))
-    child = subprocess.Popen(argv, stdin=null, stdout=out, stderr=err, env=env)
-except OSError as exc:
-    os.write(writer, ("%s: %s" % (exc.filename or argv[0], exc.strerror)).encode())
-    os._exit(127)
-os.write(writer, ("started %d %d" % (os.getpid(), child.pid)).encode())
-os.close(writer)
-code = child.wait()
-with open(exit_path + ".tmp", "w") as done:
-    done.write("%d\n" % code)
-os.replace(exit_path + ".tmp", exit_path)
-"""
+# The launcher, sent with `python3 -c` (it must work before anything is deployed).
+_DETACH = (KIT_DIR / "detach.py").read_text()
 
 
 def parse_ssh_spec(spec: str) -> tuple[str, str, int]:

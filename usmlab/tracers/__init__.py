@@ -1,21 +1,49 @@
 """Tracers: the eBPF programs whose trace_pipe output the analysis judges.
 
 A tracer is started as root in the background before any workload, and traffic starts only once
-it reports that its probes are attached (field notes §1: start order matters).
+it reports that its probes are attached (docs/architecture.md: why the start order matters).
+`TRACERS` is the one list of tracer names; a new tracer is a module here and one line in it.
 """
 
 from __future__ import annotations
 
+import importlib
 import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any
 
-from usmlab.errors import UsmlabError
+from usmlab.errors import UsageError, UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
 
-TRACER_NAMES = ("builtin", "usm-debugger", "none", "system-probe")
+# Every tracer by its --tracer name: the class that starts it, or None when usmlab starts nothing
+# (system-probe already runs on the target and its stats are fetched; none: no eBPF).
+TRACERS: dict[str, str | None] = {
+    "builtin": "usmlab.tracers.builtin:BuiltinTracer",
+    "usm-debugger": "usmlab.tracers.usm_debugger:UsmDebuggerTracer",
+    "none": None,
+    "system-probe": None,
+}
+TRACER_NAMES = tuple(TRACERS)
+TRACER_CHOICES = ("auto", *TRACER_NAMES)  # auto: builtin when the target can run it, else none
+
+
+def check_tracer_name(name: str) -> str:
+    """The name, or a one-line usage error listing the choices."""
+    if name not in TRACER_CHOICES:
+        raise UsageError(f"unknown tracer {name!r}: use {', '.join(TRACER_CHOICES)}")
+    return name
+
+
+def make_tracer(name: str) -> Tracer | None:
+    """The tracer to start for a --tracer name; None when usmlab starts no tracer."""
+    where = TRACERS[check_tracer_name(name)] if name != "auto" else None
+    if where is None:
+        return None
+    module, _, cls = where.partition(":")
+    tracer: Tracer = getattr(importlib.import_module(module), cls)()
+    return tracer
 
 
 @dataclass
@@ -42,7 +70,7 @@ class Tracer(ABC):
     # Whether processes already running when the probes attach are traced too: true for
     # uprobes placed on a library file (every process mapping it is covered), false for a
     # tracer that finds processes as they load the library (USM watches library opens), for
-    # which the workloads must start after the attach (field notes §1).
+    # which the workloads must start after the attach (docs/architecture.md).
     traces_running_processes: bool = False
     attach_poll_seconds: float = 0.1  # how often `attached` is asked
 

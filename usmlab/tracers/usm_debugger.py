@@ -1,4 +1,4 @@
-"""The usm-debugger tracer: Datadog's own USM eBPF code, built standalone (field notes §1).
+"""The usm-debugger tracer: Datadog's own USM eBPF code, built standalone (docs/tracers.md).
 
 It takes no flags, needs root and BTF (CO-RE only), prints USM's debug messages to trace_pipe
 and stops on SIGINT/SIGTERM. It prints nothing when its probes are attached, so attachment is

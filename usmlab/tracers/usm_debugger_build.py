@@ -1,7 +1,7 @@
 """`usmlab build`: build usm-debugger in the lab VM with dda, and record what was built.
 
 The build runs `dda inv system-probe.build-usm-debugger --arch=ARCH` in the agent checkout on the
-target, in a login shell (field notes §1: Go lives under the user's home and is not on PATH for
+target, in a login shell (docs/tracers.md: Go lives under the user's home and is not on PATH for
 plain SSH commands). Its output streams to the terminal and to build.log; a failure is shown
 verbatim (an upstream revision once did not compile), never swallowed. `--clean` removes the
 eBPF objects a branch switch leaves behind, since a plain build embeds whatever lies there.

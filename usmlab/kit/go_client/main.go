@@ -1,7 +1,7 @@
 // Command goclient is the lab's Go crypto/tls HTTPS client.
 //
 // The misattribution USM showed in production came from Go-TLS uprobes, and a Python (OpenSSL)
-// client never reproduced it; a Go client with connection churn did (field notes §3). This client
+// client never reproduced it; a Go client with connection churn did (docs/background.md). This client
 // speaks the same flags and writes the same client.jsonl (docs/formats.md) as the Python client,
 // plus the knobs that made the bug appear: a new http.Transport per request, response bodies
 // left unclosed, forced garbage collections. Standard library only, builds with Go 1.19.
@@ -54,7 +54,7 @@ const (
 	exitUsage      = 2
 )
 
-// The 8 paths the original client rotated through (field notes §3).
+// The 8 paths the original client rotated through (docs/background.md).
 var defaultPaths = []string{
 	"/api/v1/persistentvolumes/pvc-63958627-daf8-4858-bf79-3818733c87b4",
 	"/api/v1/persistentvolumes/pvc-33641375-8db3-4ff3-b172-2ba76ce132fe",
@@ -725,7 +725,7 @@ func (c *client) work() {
 		}
 		use := tr
 		if c.cfg.perRequest {
-			use = c.newTransport(false) // dropped afterwards: the churn pattern of field notes §3
+			use = c.newTransport(false) // dropped afterwards: the churn pattern described in docs/background.md
 		}
 		c.request(seq, due, use)
 		c.mu.Lock()
@@ -817,7 +817,7 @@ func (c *client) request(seq int, due float64, tr *http.Transport) {
 }
 
 // exchange sends the GET; the body is read and closed unless this request skips the close,
-// in which case it is neither read nor closed (the classic leak of field notes §3).
+// in which case it is neither read nor closed (the classic leak described in docs/background.md).
 func (c *client) exchange(ctx context.Context, hc *http.Client, seq int, rawURL string) (int, bool, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {

@@ -1,0 +1,56 @@
+"""The verbs of the command line, one module each (in the manner of Molecule's commands).
+
+A verb parses its options, calls the lab library and prints; nothing else. What every verb
+shares is here: progress to stderr, errors as one line with their exit status, and the option
+types several verbs declare.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from usmlab.errors import UsmlabError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def say(message: str) -> None:
+    """Progress goes to stderr so stdout stays the result (run folder, verdict)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def friendly(func: F) -> F:
+    """Turn the library's errors into one line and an exit status, never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except UsmlabError as exc:
+            say(f"usmlab: error: {exc}")
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            say("usmlab: interrupted")
+            raise typer.Exit(130) from None
+        except (typer.Exit, typer.Abort):
+            raise
+        except Exception as exc:
+            if os.environ.get("USMLAB_DEBUG"):
+                raise
+            say(f"usmlab: internal error: {type(exc).__name__}: {exc} (USMLAB_DEBUG=1 shows more)")
+            raise typer.Exit(1) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+# Options several verbs take, declared once.
+TargetOption = Annotated[str, typer.Option(help="local or ssh://USER@HOST[:PORT].")]
+IdentityOption = Annotated[Path | None, typer.Option(help="SSH private key.")]
+WorkDirOption = Annotated[str | None, typer.Option(help="usmlab's folder on the target.")]

@@ -1,0 +1,31 @@
+"""`usmlab doctor`: the troubleshooting checks on a target, as a pass/fail table."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from usmlab.commands import IdentityOption, TargetOption, WorkDirOption, friendly
+
+
+@friendly
+def doctor_cmd(
+    target: TargetOption = "local",
+    identity: IdentityOption = None,
+    work_dir: WorkDirOption = None,
+    port: Annotated[int, typer.Option(help="The lab server's port.")] = 8443,
+    url: Annotated[str | None, typer.Option(help="Server URL for the TLS check.")] = None,
+    usm_debugger: Annotated[str | None, typer.Option(help="usm-debugger binary to check.")] = None,
+) -> None:
+    """The troubleshooting checks on a target, as a pass/fail table with hints."""
+    from usmlab.run.doctor import failed, render_checks, run_doctor
+    from usmlab.targets import open_target
+
+    lab_target = open_target(target, identity, work_dir)
+    try:
+        checks = run_doctor(lab_target, port=port, url=url, usm_debugger_path=usm_debugger)
+    finally:
+        lab_target.close()
+    print(render_checks(checks))
+    raise typer.Exit(1 if failed(checks) else 0)

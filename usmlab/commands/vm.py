@@ -1,0 +1,105 @@
+"""`usmlab init|up|status|ssh|halt|destroy`: the lab VM's lifecycle (usmlab/vm/)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from usmlab.commands import friendly, say
+
+
+@friendly
+def init_cmd(
+    force: Annotated[bool, typer.Option(help="Overwrite an existing usmlab.toml.")] = False,
+) -> None:
+    """Write a usmlab.toml with the VM's settings and their defaults, to edit."""
+    from usmlab.vm.settings import write_default_toml
+
+    print(f"wrote {write_default_toml(Path.cwd() / 'usmlab.toml', force=force)}")
+
+
+def _vm_settings(**flags: Any) -> Any:
+    from usmlab.vm.settings import load_settings
+
+    return load_settings(Path.cwd(), os.environ, {k: v for k, v in flags.items() if v is not None})
+
+
+@friendly
+def up_cmd(
+    provider: Annotated[str | None, typer.Option(help="libvirt, qemu, vmware_desktop, ...")] = None,
+    box: Annotated[str | None, typer.Option(help="Vagrant box (bento/ubuntu-24.04).")] = None,
+    cpus: Annotated[int | None, typer.Option(help="Virtual CPUs.")] = None,
+    memory: Annotated[int | None, typer.Option(help="Memory in MB.")] = None,
+    agent_path: Annotated[
+        str | None, typer.Option(help="Local datadog-agent checkout, synced to /git/...")
+    ] = None,
+    profile: Annotated[
+        str | None, typer.Option(help="full, or test (skips the heavy toolchain).")
+    ] = None,
+    lab: Annotated[
+        bool,
+        typer.Option(help="This machine's local test VM: a small Debian box, libvirt under TCG."),
+    ] = False,
+) -> None:
+    """Create, start and provision the lab VM (quick when it is already up)."""
+    from usmlab.vm import vagrant
+
+    overrides: dict[str, Any] = {
+        "provider": provider, "box": box, "cpus": cpus, "memory": memory,
+        "agent_path": agent_path, "profile": profile,
+    }  # fmt: skip
+    if lab:
+        from usmlab.vm.box import build_test_box
+        from usmlab.vm.libvirt_host import ensure_libvirt_daemons
+
+        ensure_libvirt_daemons(say)
+        given = {k: v for k, v in overrides.items() if v is not None}
+        overrides = {**build_test_box(progress=say).lab_settings(), "profile": "test", **given}
+    settings = _vm_settings(**overrides)
+    for line in settings.describe():
+        say(f"[vm] {line}")
+    result = vagrant.up(Path.cwd(), settings, progress=say, cwd=Path.cwd())
+    print(f"VM {result.action} in {result.seconds:.1f} s; `usmlab test scenario1` now runs there")
+
+
+@friendly
+def status_cmd() -> None:
+    """The lab VM's state (running, poweroff, not_created, ...)."""
+    from usmlab.vm import vagrant
+
+    print(vagrant.status(Path.cwd()))
+
+
+@friendly
+def ssh_cmd(
+    command: Annotated[list[str] | None, typer.Argument(help="Run this, not a shell.")] = None,
+) -> None:
+    """Open a shell in the lab VM (plain OpenSSH with Vagrant's details)."""
+    from usmlab.vm import vagrant
+
+    details = vagrant.ssh_details(Path.cwd())
+    argv = [
+        "ssh", "-o", "StrictHostKeyChecking=no", "-o", "UserKnownHostsFile=/dev/null",
+        "-o", "LogLevel=ERROR", "-i", str(details["identity_file"]), "-p", str(details["port"]),
+        f"{details['user']}@{details['host']}", *(command or []),
+    ]  # fmt: skip
+    os.execvp("ssh", argv)
+
+
+@friendly
+def halt_cmd() -> None:
+    """Stop the lab VM (keeps it)."""
+    from usmlab.vm import vagrant
+
+    vagrant.halt(Path.cwd(), progress=say)
+
+
+@friendly
+def destroy_cmd() -> None:
+    """Delete the lab VM (the box stays cached)."""
+    from usmlab.vm import vagrant
+
+    vagrant.destroy(Path.cwd(), progress=say)

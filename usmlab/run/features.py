@@ -1,0 +1,173 @@
+"""Scenario behaviours as features that plug into the run's stages.
+
+A scenario is data (`usmlab/scenarios.py`); what makes one run differ from another is the set of
+features its parameters switch on. Each feature overrides only the hooks it needs; the stages
+call every feature's hook at its place, so the runner never asks which scenario it runs. A new
+behaviour is one small class here plus one line in `FEATURES`. See docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from usmlab.run.context import RunContext, Started
+from usmlab.scenarios import Params, check_url
+from usmlab.targets.base import term_then_kill
+
+# A restart is a crash-like stop: SIGTERM, as Kubernetes sends, then SIGKILL.
+RESTART_STOP = term_then_kill(3.0)
+
+
+class Feature:
+    """A scenario behaviour; every hook does nothing unless a feature overrides it."""
+
+    # Name of the start order this feature needs (pipeline.START_ORDERS), or None.
+    start_order: str | None = None
+
+    def plan(self, ctx: RunContext) -> None:
+        """Before anything starts: choose ports, build binaries."""
+
+    def servers_started(self, ctx: RunContext) -> None:
+        """Once every server is ready."""
+
+    def client_urls(self, ctx: RunContext, urls: list[str]) -> list[str]:
+        return urls
+
+    def client_paths(self, ctx: RunContext, index: int, paths: tuple[str, ...]) -> tuple[str, ...]:
+        return paths
+
+    def client_flags(self, ctx: RunContext, flags: list[str]) -> list[str]:
+        return flags
+
+    def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
+        """argv of the client program before its flags (default: the Python client)."""
+        return argv
+
+    def lead_time(self, ctx: RunContext) -> None:
+        """The `lead-time` stage: traffic runs before the tracer attaches."""
+
+    def tick(self, ctx: RunContext, elapsed: float) -> None:
+        """Called about every 0.1 s while the traffic runs."""
+
+
+class EphemeralPortServer(Feature):
+    """The server listens inside ip_local_port_range (the direction heuristic's blind spot)."""
+
+    def plan(self, ctx: RunContext) -> None:
+        from usmlab.run.nat import ephemeral_port
+
+        ctx.server_ports = [ephemeral_port(ctx.target, ctx.kit_dir)]
+        ctx.progress(f"server: port {ctx.server_ports[0]} is inside the ephemeral port range")
+
+
+class GoClient(Feature):
+    """The Go crypto/tls client, built on the target (kit/go_client/)."""
+
+    def plan(self, ctx: RunContext) -> None:
+        from usmlab.run.go_client import build_go_client
+
+        ctx.progress("client: building the Go client on the target")
+        build = build_go_client(ctx.target, ctx.kit_dir, ctx.kit("goclient"))
+        ctx.go_client = build["path"]
+        ctx.manifest["go_client"] = dict(build)
+
+    def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
+        assert ctx.go_client is not None
+        return [ctx.go_client]
+
+
+class SeveralClients(Feature):
+    """Several client processes, each with paths of its own, so a capture names its client."""
+
+    def client_paths(self, ctx: RunContext, index: int, paths: tuple[str, ...]) -> tuple[str, ...]:
+        n = index + 1
+        return (
+            f"/api/v1/namespaces/client-{n}/configmaps",
+            f"/api/v1/namespaces/client-{n}/pods",
+            f"/api/v1/persistentvolumes/pvc-client-{n}",
+        )
+
+
+class Nat(Feature):
+    """The client calls a loopback virtual address DNAT'ed to the (first) server."""
+
+    def servers_started(self, ctx: RunContext) -> None:
+        from usmlab.run.nat import NatRule
+
+        params = ctx.params
+        assert params.nat_vip is not None
+        vip_host, vip_port = check_url(f"https://{params.nat_vip}")
+        to = f"{params.host}:{ctx.server_ports[0]}"
+        rule = NatRule.add(
+            ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id,
+            vip_host, vip_port, params.host, ctx.server_ports[0],
+        )  # fmt: skip
+        ctx.registry.add(Started("nat", "nat", stop=rule.remove))
+        ctx.manifest["nat"] = {"vip": params.nat_vip, "to": to}
+        ctx.progress(f"nat: {params.nat_vip} -> {to}")
+
+    def client_urls(self, ctx: RunContext, urls: list[str]) -> list[str]:
+        return [f"https://{ctx.params.nat_vip}"]
+
+    def client_flags(self, ctx: RunContext, flags: list[str]) -> list[str]:
+        # The lab certificate does not name a virtual address: no --cacert.
+        i = flags.index("--cacert")
+        return flags[:i] + flags[i + 2 :]
+
+
+class Preexisting(Feature):
+    """Traffic that starts before the tracer attaches."""
+
+    start_order = "traffic-first"
+
+    def lead_time(self, ctx: RunContext) -> None:
+        ctx.progress(f"traffic: running {ctx.params.preexisting:g} s before the tracer attaches")
+        ctx.sleep(ctx.params.preexisting)
+
+
+class Restart(Feature):
+    """Kill and respawn (new PIDs) mid-traffic, as a CronJob restart does in production."""
+
+    def __init__(self) -> None:
+        self.done = False
+
+    def tick(self, ctx: RunContext, elapsed: float) -> None:
+        from usmlab.run.stages import start_clients, start_server
+
+        params = ctx.params
+        if self.done or elapsed < params.restart_after:
+            return
+        self.done = True
+        remaining = None
+        if params.duration is not None:
+            remaining = max(0.5, params.duration - elapsed)
+        ctx.restarts += 1
+        suffix = f"-r{ctx.restarts}"
+        if params.restart in ("server", "both"):
+            servers = [
+                e for e in ctx.registry.entries
+                if e.role == "server" and e.proc is not None and e.proc.exit_code is None
+            ]  # fmt: skip
+            ctx.target.stop_many([e.proc for e in servers if e.proc], RESTART_STOP)
+            for entry in servers:
+                assert entry.port is not None
+                start_server(ctx, f"{entry.name.split('-r')[0]}{suffix}", entry.port)
+        if params.restart in ("client", "both"):
+            ctx.target.stop_many(ctx.clients, RESTART_STOP)
+            start_clients(ctx, remaining, suffix)
+        ctx.progress(f"restart: {params.restart} respawned with new PIDs")
+
+
+# Which features a run's parameters switch on, in the order their hooks run.
+FEATURES: tuple[tuple[Callable[[Params], bool], Callable[[], Feature]], ...] = (
+    (lambda p: p.ephemeral_server, EphemeralPortServer),
+    (lambda p: p.client == "go", GoClient),
+    (lambda p: p.clients > 1, SeveralClients),
+    (lambda p: p.nat_vip is not None, Nat),
+    (lambda p: p.preexisting > 0, Preexisting),
+    (lambda p: p.restart is not None, Restart),
+)
+
+
+def features_for(params: Params) -> list[Feature]:
+    return [make() for wanted, make in FEATURES if wanted(params)]

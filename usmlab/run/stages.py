@@ -1,0 +1,322 @@
+"""The stages of a run, each a small function of the run context.
+
+`pipeline.py` runs them in one of its start orders (data); scenario behaviours come in through
+the features' hooks (`features.py`). Why the orders are what they are: docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+
+from usmlab.certs import ensure_certs
+from usmlab.errors import UsmlabError
+from usmlab.kit import kit_files
+from usmlab.run.cleanup import clean_target
+from usmlab.run.context import RunContext, Started, TargetFacts
+from usmlab.run.trace_reader import TracePipeCapture
+from usmlab.targets.base import BackgroundProcess
+from usmlab.tracers import TracerContext, make_tracer
+
+READY_TIMEOUT = 20.0
+ATTACH_TIMEOUT = 90.0
+PROGRESS_EVERY = 2.0
+
+
+def url_of(host: str, port: int) -> str:
+    return f"https://[{host}]:{port}" if ":" in host else f"https://{host}:{port}"
+
+
+# -- prepare ---------------------------------------------------------------------------------
+
+
+def deploy(ctx: RunContext) -> None:
+    """Upload the kit, clean leftovers, mark the run alive and learn about the target."""
+    target = ctx.target
+    ctx.progress(f"target {target.label}: deploying the lab kit")
+    certs = ensure_certs(ctx.state_dir / "certs")
+    files = kit_files()
+    files["ca.pem"] = certs.ca_cert
+    files["server.pem"] = certs.server_cert
+    files["server.key"] = certs.server_key
+    ctx.kit_dir = target.join(target.work_dir, "kit")
+    uploaded = target.sync(files, ctx.kit_dir)
+    ctx.remote_dir = target.run_dir_for(ctx.run_id, ctx.run_dir)
+    ctx.manifest["kit"] = {"dir": ctx.kit_dir, "uploaded": uploaded}
+    ctx.manifest["target"].update(run_dir=ctx.remote_dir, work_dir=target.work_dir)
+    ended = [e for e in clean_target(target, deploy=False) if "pid" in e]
+    if ended:
+        ctx.progress(f"cleanup: ended {len(ended)} leftover process(es) of crashed runs")
+    _mark_active(ctx)
+    probe = target.python(ctx.kit("probe.py"), "info", "--port", str(ctx.params.port))
+    facts = TargetFacts.from_probe(json.loads(target.run(probe).stdout))
+    facts.raw["local_run_dir"] = str(ctx.run_dir)
+    ctx.facts = facts
+    # Every later kit script runs on the interpreter the probe ran on, named by its path:
+    # the workloads then map the libssl the probe saw, under sudo too.
+    target.use_python(facts.raw.get("python_executable"))
+    ctx.manifest["target"].update(facts.for_manifest())
+
+
+def _mark_active(ctx: RunContext) -> None:
+    """Create the run folder on the target and, beside it, the marker that tells cleanup this
+    run is alive while its lifeline process is (one command: over SSH each is a round trip)."""
+    target = ctx.target
+    pid = target.lifeline_pid()
+    if pid is None:
+        target.run(["mkdir", "-p", "--", ctx.remote_dir])
+        return
+    marker = target.join(target.work_dir, "active", ctx.run_id)
+    remove = ["rm", "-f", "--", marker]
+    ctx.registry.add(Started("marker", "marker", stop=lambda: target.run(remove, check=False)))
+    target.run(
+        ["sh", "-c", 'mkdir -p -- "$1" "$2" && printf %s "$3" > "$4"', "sh",
+         ctx.remote_dir, target.join(target.work_dir, "active"),
+         json.dumps({"pid": pid, "run_dir": ctx.remote_dir}), marker],
+    )  # fmt: skip
+    ctx.active_marker = marker
+
+
+def choose_tracer(ctx: RunContext) -> None:
+    """`auto` means builtin when the target can run eBPF as root, else none."""
+    assert ctx.facts is not None
+    name = ctx.requested_tracer
+    if name == "auto":
+        can_root = ctx.facts.euid == 0 or ctx.target.can_sudo()
+        name = "builtin" if can_root and ctx.facts.btf and ctx.facts.bpftrace else "none"
+    ctx.tracer = make_tracer(name)
+    ctx.tracer_name = ctx.manifest["tracer"] = name
+    ctx.save_manifest()
+
+
+def plan(ctx: RunContext) -> None:
+    """Server ports (a feature may move them), binaries built (features), ports checked free."""
+    ctx.server_ports = list(ctx.params.ports)
+    for feature in ctx.features:
+        feature.plan(ctx)
+    ctx.manifest["server_ports"] = ctx.server_ports
+    for port in ctx.server_ports:
+        busy = _port_holder(ctx, port)
+        if busy:
+            raise UsmlabError(busy)
+    ctx.lap("deploy")
+
+
+def _port_holder(ctx: RunContext, port: int) -> str | None:
+    """Who holds the port, in one line, or None when it is free (the probe checked the URL's)."""
+    if port == ctx.params.port and ctx.facts is not None:
+        return ctx.facts.port_in_use
+    result = ctx.target.run(ctx.target.python(ctx.kit("probe.py"), "port", str(port)), check=False)
+    return (result.stdout.strip() or f"port {port} is in use") if result.exit_code else None
+
+
+# -- observers -------------------------------------------------------------------------------
+
+
+def start_observers(ctx: RunContext) -> None:
+    """Start the trace_pipe reader, the tracer and the thread sampler; `capture_ready` and
+    `attached` wait until the reader holds trace_pipe and the probes are in."""
+    target, tracer = ctx.target, ctx.tracer
+    if tracer is not None:
+        ctx.progress("capture: opening trace_pipe")
+        capture = ctx.capture = TracePipeCapture(target, ctx.remote_dir, ctx.kit_dir)
+        entry = ctx.registry.add(Started("capture", "capture", stop=lambda: _stop_capture(ctx)))
+        entry.proc = capture.start(ctx.env("capture", "capture"))
+        # The tracer loads while the reader opens trace_pipe: the reader empties the trace
+        # buffer within milliseconds, long before any probe of a loading tracer can fire on
+        # lab traffic (no workload runs yet), and traffic waits for both.
+        ctx.progress(f"tracer {tracer.name}: starting, waiting for probes to attach")
+        assert ctx.facts is not None
+        tctx = TracerContext(
+            run_id=ctx.run_id,
+            run_dir=ctx.remote_dir,
+            kit_dir=ctx.kit_dir,
+            facts=ctx.facts.raw,
+            env=ctx.env("tracer", "tracer"),
+            go_binaries=[ctx.go_client] if ctx.go_client else [],
+            binary=ctx.usm_debugger,
+        )
+        proc = tracer.start(target, tctx)
+        # A tracer that prints at each probe hit has nothing more to say about the lab once
+        # the clients are done: told to stop then, its exit overlaps the rest of the teardown;
+        # the reader may then drain and restore tracefs once the servers are down.
+        early = tracer.stops_early
+        ctx.registry.process(proc, "tracer", nudge=("client", signal.SIGINT) if early else None)
+        if early:
+            entry.nudge = ("server", signal.SIGTERM)
+        ctx.save_manifest()
+        ctx.attaching = (tctx, proc, time.monotonic())
+    sampler = ctx.kit_script(
+        "sampler", "sampler", "thread_sampler.py",
+        "--run-id", ctx.run_id, "--out", ctx.remote("threads.jsonl"),
+    )  # fmt: skip
+    proc = target.start(
+        sampler, name="sampler", stdout_path=ctx.remote("sampler.log"), sudo=tracer is not None
+    )
+    ctx.registry.process(proc, "sampler")
+    if ctx.tracer_name == "system-probe":
+        _start_sysprobe_fetch(ctx)
+    ctx.lap("observers")
+
+
+def _stop_capture(ctx: RunContext) -> None:
+    assert ctx.capture is not None
+    ctx.capture.stop()  # also when it never started: restores what it prepared
+    ctx.note_capture_state()  # also when interrupted before it was ready
+
+
+def capture_ready(ctx: RunContext) -> None:
+    """Return once the reader holds trace_pipe."""
+    if ctx.capture is None:
+        return
+    ctx.capture.wait_ready()
+    ctx.note_capture_state()
+    ctx.lap("capture")
+
+
+def attached(ctx: RunContext) -> None:
+    """Return once the tracer has its probes attached."""
+    if ctx.attaching is None or ctx.tracer is None:
+        return
+    tctx, proc, t0 = ctx.attaching
+    ctx.attaching = None
+    ctx.tracer.wait_attached(ctx.target, tctx, proc, ATTACH_TIMEOUT, ctx.abort)
+    ctx.manifest["tracer_attached_mono"] = ctx.tracer.attached_mono
+    ctx.manifest["tracer_attached"] = getattr(ctx.tracer, "attached_summary", None)
+    ctx.progress(f"tracer {ctx.tracer.name}: attached in {time.monotonic() - t0:.1f} s")
+    ctx.lap("attach")
+
+
+def _start_sysprobe_fetch(ctx: RunContext) -> None:
+    """system-probe already runs on the target: collect its stats, start no tracer."""
+    from usmlab.run.sysprobe_fetch import (
+        DEFAULT_SOCKET,
+        endpoint_urls,
+        fetch_final,
+        start_periodic,
+        stop_periodic,
+    )
+
+    socket = ctx.sysprobe_socket or DEFAULT_SOCKET
+    ctx.progress(f"system-probe: fetching its stats from {socket}")
+    proc = start_periodic(
+        ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id, socket=socket,
+        env=ctx.env("sysprobe-fetch", "sysprobe"),
+    )  # fmt: skip
+    ctx.manifest["sysprobe"] = {"socket": socket, "client_ids": endpoint_urls(ctx.run_id)}
+
+    def finish() -> None:
+        """Stop the periodic fetch after its round, then take the final dumps."""
+        stop_periodic(ctx.target, proc)
+        final = fetch_final(ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id, socket=socket)
+        ctx.manifest["sysprobe"]["warnings"] = final.warnings
+
+    ctx.registry.process(proc, "sysprobe", stop=finish)
+
+
+# -- workloads -------------------------------------------------------------------------------
+
+
+def start_servers(ctx: RunContext) -> None:
+    for port in ctx.server_ports:
+        start_server(ctx, "server" if len(ctx.server_ports) == 1 else f"server-{port}", port)
+    for feature in ctx.features:
+        feature.servers_started(ctx)
+    ctx.lap("server")
+
+
+def start_server(ctx: RunContext, name: str, port: int) -> BackgroundProcess:
+    target, params = ctx.target, ctx.params
+    argv = ctx.kit_script(
+        name, "server", "server.py",
+        "--host", params.host, "--port", str(port), "--name", name,
+        "--cert", ctx.kit("server.pem"), "--key", ctx.kit("server.key"),
+        "--log", ctx.remote(f"{name}.jsonl"),
+    )  # fmt: skip
+    server = target.start(argv, name=name, stdout_path=ctx.remote(f"{name}.log"))
+    ctx.registry.process(server, "server", port=port)
+    ctx.save_manifest()
+    url = url_of(params.host, port)
+    check = target.run(
+        [*target.python(ctx.kit("client.py")), "--check", "-url", url,
+         "--timeout", str(READY_TIMEOUT)],
+        check=False,
+        timeout=READY_TIMEOUT + 10,
+    )  # fmt: skip
+    if not check.ok:
+        code = target.poll(server)
+        log = target.read_text(server.stdout_path).strip().splitlines()
+        reason = log[-1] if log and code is not None else check.stderr.strip()
+        raise UsmlabError(f"{name} did not become ready: {reason}")
+    ctx.progress(f"{name}: ready on {url} (pid {server.pid})")
+    return server
+
+
+def start_clients(ctx: RunContext, duration: float | None = None, suffix: str = "") -> None:
+    ctx.clients = []
+    for index in range(ctx.params.clients):
+        name = ("client" if ctx.params.clients == 1 else f"client-{index + 1}") + suffix
+        ctx.clients.append(_start_client(ctx, name, index, duration))
+
+
+def _start_client(
+    ctx: RunContext, name: str, index: int, duration: float | None
+) -> BackgroundProcess:
+    params = ctx.params
+    urls = [url_of(params.host, port) for port in ctx.server_ports]
+    paths = params.paths
+    program = ctx.target.python(ctx.kit("client.py"))
+    for feature in ctx.features:
+        urls = feature.client_urls(ctx, urls)
+        paths = feature.client_paths(ctx, index, paths)
+        program = feature.client_program(ctx, program)
+    flags = params.client_args(urls, paths)
+    if duration is not None:
+        flags += ["--duration", f"{duration}"]
+    flags += ["--cacert", ctx.kit("ca.pem"), "--log", ctx.remote(f"{name}.jsonl")]
+    for feature in ctx.features:
+        flags = feature.client_flags(ctx, flags)
+    argv = ctx.with_env(name, "client", [*program, *flags])
+    client = ctx.target.start(argv, name=name, stdout_path=ctx.remote(f"{name}.log"))
+    ctx.registry.process(client, "client")
+    ctx.save_manifest()
+    return client
+
+
+def lead_time(ctx: RunContext) -> None:
+    for feature in ctx.features:
+        feature.lead_time(ctx)
+
+
+def traffic(ctx: RunContext) -> None:
+    """Wait for the clients, showing progress; features act on the way (restarts)."""
+    params = ctx.params
+    total = str(params.count * params.clients) if params.count else "∞"
+    if not params.count and params.duration is None:
+        ctx.progress("client: running until Ctrl-C (or use --duration)")
+    started = last = time.monotonic()
+    while True:
+        codes = ctx.target.poll_many(ctx.clients)
+        if all(code is not None for code in codes):
+            break
+        ctx.check_abort()
+        time.sleep(0.1)
+        now = time.monotonic()
+        for feature in ctx.features:
+            feature.tick(ctx, now - started)
+        if now - last >= PROGRESS_EVERY:
+            last = now
+            ctx.progress(f"client: {_requests_done(ctx)}/{total} requests")
+    ctx.progress(f"client: finished (exit {', '.join(str(c) for c in codes)})")
+    for client, code in zip(ctx.clients, codes, strict=True):
+        if code == 2:  # the client's usage error: it sent nothing, say why
+            lines = ctx.target.read_text(client.stdout_path).strip().splitlines()
+            reason = lines[-1] if lines else "exit status 2"
+            raise UsmlabError(f"{client.name} refused its arguments: {reason}")
+    ctx.lap("client")
+
+
+def _requests_done(ctx: RunContext) -> int:
+    names = [ctx.remote(f"{p.name}.jsonl") for p in ctx.registry.procs("client")]
+    return ctx.target.run(["cat", "--", *names], check=False).stdout.count("\n")
