@@ -167,3 +167,23 @@ def test_malformed_ssh_targets_are_usage_errors(spec, tmp_path):
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_collect_of_a_multi_client_run_gives_the_same_report_as_the_run(sshd_server, tmp_path):
+    done = run_usmlab(
+        "test", "multi-client",
+        *ssh_args(sshd_server, tmp_path, "--tracer", "none", "--count", "4", "--interval", "0"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    run_dir = only_run_dir(tmp_path / "runs")
+    sent = json.loads((run_dir / "report.json").read_text())["requests"]["sent"]
+    assert sent == 3 * 4  # three clients, none of them named client.jsonl
+    assert not (run_dir / "client.jsonl").exists()
+    (run_dir / "report.json").unlink()
+    (run_dir / "client-2.jsonl").unlink()
+    done = run_usmlab("collect", str(run_dir), "--identity", str(sshd_server.key_path))
+    assert done.returncode == 0, done.stderr
+    assert sha256_file(run_dir / "client-2.jsonl")  # fetched again
+    report = json.loads((run_dir / "report.json").read_text())
+    assert report["requests"]["sent"] == sent
+    assert f"requests sent    {sent}" in done.stdout

@@ -33,7 +33,7 @@ from hypothesis import strategies as st
 
 import usmlab.kit
 from usmlab.kit import client as client_module
-from usmlab.kit import kit_files
+from usmlab.kit import kit_files, labkit
 
 WORKLOADS_DIR = Path(usmlab.kit.__file__).parent
 START_LINE = re.compile(r"^Starting TLS server on (?:\S*):(\d+) \(PID: (\d+)\)$", re.MULTILINE)
@@ -467,7 +467,7 @@ def test_client_requests_match_server_log(server: RunningServer, deployed: Path)
     assert any(line.startswith("Summary: sent=10 ok=10 failed=0") for line in lines)
 
     sent = read_jsonl(log)
-    expected_paths = [client_module.DEFAULT_PATHS[k % 8] for k in range(10)]
+    expected_paths = [labkit.DEFAULT_PATHS[k % 8] for k in range(10)]
     assert [r["path"] for r in sent] == expected_paths
     assert all(r["status"] == 200 and r["error"] is None for r in sent)
     assert [r["seq"] for r in sent] == list(range(10))
@@ -783,13 +783,13 @@ def test_ipv6_round_trip(start_server: StartServer, deployed: Path) -> None:
     ],
 )
 def test_parse_duration_accepts_go_style_and_plain_seconds(text: str, seconds: float) -> None:
-    assert client_module.parse_duration(text) == pytest.approx(seconds)
+    assert labkit.parse_duration(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", ["", "abc", "-1s", "-0.5", "2 s", "1x", "s", "1s2"])
 def test_parse_duration_rejects_garbage(text: str) -> None:
     with pytest.raises(ValueError):
-        client_module.parse_duration(text)
+        labkit.parse_duration(text)
 
 
 def test_paths_name_the_port_of_the_server_they_go_to() -> None:
@@ -798,12 +798,12 @@ def test_paths_name_the_port_of_the_server_they_go_to() -> None:
         ("127.0.0.1:8443", ""),
         ("[::1]:9443", "/api"),
     ]
-    (template,) = client_module.parse_paths("/server{port}/identify/{port}")
+    (template,) = labkit.parse_paths("/server{port}/identify/{port}")
     assert client_module.expand_path(template, 9443) == "/server9443/identify/9443"
-    assert client_module.parse_paths("/a,/b") == ("/a", "/b")
+    assert labkit.parse_paths("/a,/b") == ("/a", "/b")
     for bad in ("/x{port}{host}", "/x}", "/{}", "/x{{port}}"):
         with pytest.raises(ValueError, match=r"token|brace"):
-            client_module.parse_paths(bad)
+            labkit.parse_paths(bad)
 
 
 def test_parse_url_handles_ipv6_default_port_and_prefix() -> None:

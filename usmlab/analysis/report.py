@@ -93,25 +93,24 @@ def _roles(threads: ThreadMap) -> dict[str, dict[str, Any]]:
     return roles
 
 
+# Report fields that are the verdict's own, under the same name.
+_FROM_VERDICT = (
+    "outcome", "requests", "foreign", "message_counts", "unmatched_captures",
+    "unmatched_captures_count", "events_by_process", "hints", "misattributed_requests",
+    "missed_requests", "lab_traffic_unmatched", "server_records_unmatched",
+)  # fmt: skip
+
+
 def _build(verdict: Verdict, ctx: LabContext, source: dict[str, Any]) -> Report:
     stats = verdict.stats
     return Report(
-        outcome=verdict.outcome,
-        requests=verdict.requests,
-        foreign=verdict.foreign,
+        **{name: getattr(verdict, name) for name in _FROM_VERDICT},
         roles=_roles(ctx.threads),
         lost_events=stats.lost_events,
         unparsed_lines=stats.unparsed_lines,
         tracer=ctx.tracer,
         trace_clock=ctx.trace_clock,
         trace_lines=stats.lines,
-        message_counts=verdict.message_counts,
-        unmatched_captures=verdict.unmatched_captures,
-        unmatched_captures_count=verdict.unmatched_captures_count,
-        events_by_process=verdict.events_by_process,
-        hints=verdict.hints,
-        misattributed_requests=verdict.misattributed_requests,
-        missed_requests=verdict.missed_requests,
         trace={
             "lines": stats.lines,
             "records": stats.records,
@@ -125,8 +124,6 @@ def _build(verdict: Verdict, ctx: LabContext, source: dict[str, Any]) -> Report:
         },
         clock={"offset": verdict.clock_offset, "source": verdict.clock_offset_source},
         source=source,
-        lab_traffic_unmatched=verdict.lab_traffic_unmatched,
-        server_records_unmatched=verdict.server_records_unmatched,
     )
 
 

@@ -5,7 +5,7 @@ Every process usmlab starts carries USMLAB_RUN_ID in its environment, and every 
 marker `<work_dir>/active/<run_id>` (JSON: pid, run_dir) naming the process whose life is the
 run's life (the local controller, or the SSH lease), written before the run starts anything and
 removed when it ends cleanly. A process of a run whose marker names a dead lifeline is a
-leftover: its process group gets SIGTERM, then SIGKILL (labkit.stop_groups). Processes of runs
+leftover: its process group gets SIGTERM, then SIGKILL (lease.stop_groups). Processes of runs
 without a marker here (another work dir's) and processes without the variable are never touched.
 tracefs settings and NAT rules a crashed run left are undone from the state files it wrote.
 """
@@ -14,13 +14,17 @@ import argparse
 import contextlib
 import json
 import os
+import signal
 import subprocess
 import sys
 
 if __package__:  # imported on the controller as usmlab.kit.cleanup
-    from .labkit import CRASH_LADDER, stop_groups
+    from .lease import stop_groups
 else:  # run on the target, where labkit.py is deployed beside this script
-    from labkit import CRASH_LADDER, stop_groups
+    from lease import stop_groups
+
+# Crash-like: SIGTERM, then SIGKILL.
+CRASH_LADDER = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
 
 
 def run_id_of(pid):
@@ -96,6 +100,7 @@ def main(argv):
     }
     found = leftovers(dead)
     stop_groups({pgid for _, _, pgid in found}, CRASH_LADDER)
+
     for run_id, pid, pgid in found:
         print(json.dumps({"run_id": run_id, "pid": pid, "pgid": pgid}))
     here = os.path.dirname(os.path.abspath(__file__))

@@ -31,27 +31,9 @@ from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 from urllib.parse import urlsplit
 
 if __package__:  # imported on the controller as usmlab.kit.client
-    from .labkit import (
-        DEFAULT_PATHS,
-        PORT_TOKEN,
-        JsonLinesLog,
-        OneLineArgumentParser,
-        format_address,
-        one_line,
-        parse_duration,
-        parse_paths,
-    )
+    from . import labkit
 else:  # run on the target, where labkit.py is deployed beside this script
-    from labkit import (
-        DEFAULT_PATHS,
-        PORT_TOKEN,
-        JsonLinesLog,
-        OneLineArgumentParser,
-        format_address,
-        one_line,
-        parse_duration,
-        parse_paths,
-    )
+    import labkit
 
 DEFAULT_URL = "https://127.0.0.1:8443"
 DEFAULT_COUNT = 10
@@ -88,7 +70,7 @@ class Target:
     @property
     def remote(self) -> str:
         """``host:port`` as written in client.jsonl (IPv6 hosts in brackets)."""
-        return format_address(self.host, self.port)
+        return labkit.format_address(self.host, self.port)
 
 
 def parse_url(url: str) -> Target:
@@ -118,7 +100,7 @@ def parse_urls(text: str) -> Tuple[Target, ...]:
 
 def expand_path(template: str, port: int) -> str:
     """The path as sent: ``{port}`` replaced by the port of the server it goes to."""
-    return template.replace(PORT_TOKEN, str(port))
+    return template.replace(labkit.PORT_TOKEN, str(port))
 
 
 class ClientConfig:
@@ -152,7 +134,7 @@ class ClientConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(
+    parser = labkit.OneLineArgumentParser(
         description="HTTPS client for the USM lab (flags -url/-count/-interval as the Go one).",
         allow_abbrev=False,
     )
@@ -194,10 +176,10 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ClientConfig:
     args = parser.parse_args(_attach_dash_values(parser, sys.argv[1:] if argv is None else argv))
     try:
         targets = parse_urls(args.url)
-        interval = parse_duration(args.interval)
-        timeout = parse_duration(args.timeout)
-        duration = parse_duration(args.duration) if args.duration is not None else None
-        paths = parse_paths(args.paths) if args.paths is not None else DEFAULT_PATHS
+        interval = labkit.parse_duration(args.interval)
+        timeout = labkit.parse_duration(args.timeout)
+        duration = labkit.parse_duration(args.duration) if args.duration is not None else None
+        paths = labkit.parse_paths(args.paths) if args.paths is not None else labkit.DEFAULT_PATHS
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     count = _parse_int("count", args.count)
@@ -433,7 +415,9 @@ KeptConnections = Dict[int, Connection]
 class LabClient:
     """Runs the schedule with N workers, records every request, prints a summary."""
 
-    def __init__(self, config: ClientConfig, tls_context: ssl.SSLContext, log: "JsonLinesLog"):
+    def __init__(
+        self, config: ClientConfig, tls_context: ssl.SSLContext, log: "labkit.JsonLinesLog"
+    ):
         self.config = config
         self.tls_context = tls_context
         self.log = log
@@ -539,7 +523,7 @@ class LabClient:
             connection, status = self._exchange(target, record, connection)
             record["status"] = status
         except (OSError, http.client.HTTPException, ValueError) as exc:
-            record["error"] = one_line(exc)
+            record["error"] = labkit.one_line(exc)
             connection = None  # _exchange closed it
         record["end_mono"] = time.monotonic()
         record["end_wall"] = time.time()
@@ -681,12 +665,12 @@ def check_ready(targets: Sequence[Target], tls_context: ssl.SSLContext, timeout:
             except ssl.SSLCertVerificationError as exc:
                 # Retrying cannot fix a certificate the CA does not vouch for.
                 print(
-                    "error: TLS handshake with {}: {}".format(target.remote, one_line(exc)),
+                    "error: TLS handshake with {}: {}".format(target.remote, labkit.one_line(exc)),
                     file=sys.stderr,
                 )
                 return EXIT_FAILED
             except OSError as exc:
-                last_error[target] = one_line(exc)
+                last_error[target] = labkit.one_line(exc)
         if not pending or deadline - time.monotonic() <= 0:
             break
         time.sleep(max(0.0, min(0.1, deadline - time.monotonic())))
@@ -724,16 +708,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tls_context = make_tls_context(config.cacert)
     except (OSError, ssl.SSLError) as exc:
         print(
-            "error: cannot load CA file {}: {}".format(config.cacert, one_line(exc)),
+            "error: cannot load CA file {}: {}".format(config.cacert, labkit.one_line(exc)),
             file=sys.stderr,
         )
         return EXIT_USAGE
     if config.check:
         return check_ready(config.targets, tls_context, config.timeout)
     try:
-        log = JsonLinesLog(config.log)
+        log = labkit.JsonLinesLog(config.log)
     except OSError as exc:
-        print("error: cannot open log {}: {}".format(config.log, one_line(exc)), file=sys.stderr)
+        print(
+            "error: cannot open log {}: {}".format(config.log, labkit.one_line(exc)),
+            file=sys.stderr,
+        )
         return EXIT_USAGE
 
     client = LabClient(config, tls_context, log)

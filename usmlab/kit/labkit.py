@@ -1,22 +1,20 @@
-"""What the target-side scripts share: one JSON-lines writer and reader, one stop ladder, and the
-one grammar for durations and request paths.
+"""What the target-side scripts share: the one JSON-lines writer, and the one grammar for
+durations and request paths (the target side's stop ladder is in lease.py, which must stand
+alone).
 
 Standard library only, Python 3.8+: deployed beside the other kit scripts, which import it as
 `labkit` on the target; the controller imports it as `usmlab.kit.labkit` so the CLI validates
-input with the very rules the workloads apply. The controller's own JSON-lines reader is
-usmlab/jsonlines.py (this is the target side's copy, kept apart because it must run on 3.8).
+input with the very rules the workloads apply. JSON lines are read by the controller only
+(usmlab/jsonlines.py); the target side writes them.
 """
 
 import argparse
-import contextlib
 import json
-import os
 import re
 import signal
 import sys
 import threading
-import time
-from typing import Any, Dict, Iterable, Iterator, NoReturn, Tuple
+from typing import Any, Dict, NoReturn, Tuple
 
 EXIT_USAGE = 2
 
@@ -59,63 +57,6 @@ class JsonLinesLog:
                 self._file.close()
                 self._file = None
 
-
-def json_lines(lines: Iterable[str]) -> Iterator[Dict[str, Any]]:
-    """The JSON objects among lines; anything else (a cut last line, a message) is passed over."""
-    for line in lines:
-        if not line.lstrip().startswith("{"):
-            continue
-        try:
-            item = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(item, dict):
-            yield item
-
-
-# ---------------------------------------------------------------------------------------------
-# Stopping process groups
-
-
-def read_stat(pid: "int | str") -> "Tuple[str, int, str] | None":
-    """(state, process group, start time) of a process, or None once it is gone."""
-    try:
-        with open("/proc/%s/stat" % pid) as handle:
-            stat = handle.read()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2 :].split()
-    return fields[0], int(fields[2]), fields[19]
-
-
-def live_groups() -> "set[int]":
-    """Process group ids that still have a member that is not a zombie."""
-    groups = set()
-    for name in os.listdir("/proc"):
-        if name.isdigit():
-            stat = read_stat(name)
-            if stat is not None and stat[0] not in "ZXx":
-                groups.add(stat[1])
-    return groups
-
-
-def stop_groups(pgids: Iterable[int], ladder: Iterable[Tuple[int, float]]) -> None:
-    """The target side's one stop ladder: signal every group with each step in turn, waiting up
-    to the step's grace until no group has a live member left."""
-    for sig, grace in ladder:
-        alive = live_groups().intersection(pgids)
-        if not alive:
-            return
-        for pgid in alive:
-            with contextlib.suppress(OSError):
-                os.killpg(pgid, sig)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and live_groups().intersection(alive):
-            time.sleep(0.05)
-
-
-# Crash-like: SIGTERM (as Kubernetes sends), then SIGKILL.
-CRASH_LADDER = ((signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
 
 # ---------------------------------------------------------------------------------------------
 # Input grammar (the CLI applies the same rules before anything is deployed)
@@ -185,6 +126,21 @@ def check_paths(paths: Tuple[str, ...]) -> Tuple[str, ...]:
 
 # ---------------------------------------------------------------------------------------------
 # Small shared helpers
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM once installed: a loop checks it between steps and ends cleanly."""
+
+    def __init__(self) -> None:
+        self.set = False
+
+    def install(self) -> "StopFlag":
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        return self
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        self.set = True
 
 
 def one_line(exc: BaseException) -> str:

@@ -22,17 +22,35 @@ import json
 import os
 import signal
 import sys
-
-if __package__:  # imported on the controller as usmlab.kit.lease
-    from .labkit import read_stat, stop_groups
-else:  # run on the target, where labkit.py is deployed beside this script
-    from labkit import read_stat, stop_groups
+import time
 
 ESCALATION = ((signal.SIGINT, 3.0), (signal.SIGTERM, 2.0), (signal.SIGKILL, 1.0))
 
 
 class ConnectionLost(Exception):
     """Raised from the SIGTERM handler: behave as if the connection had dropped."""
+
+
+def read_stat(pid):
+    """(state, pgrp, start time) of a process, or None once it is gone."""
+    try:
+        with open("/proc/%s/stat" % pid) as handle:
+            stat = handle.read()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return fields[0], int(fields[2]), fields[19]
+
+
+def live_groups():
+    """Process group ids that still have a member that is not a zombie."""
+    groups = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            stat = read_stat(name)
+            if stat is not None and stat[0] not in "ZXx":
+                groups.add(stat[1])
+    return groups
 
 
 def owned_groups(list_path):
@@ -56,6 +74,25 @@ def owned_groups(list_path):
         if leader is None or leader[2] == parts[1]:
             owned.append(pgid)
     return owned
+
+
+def stop_groups(pgids, ladder=ESCALATION):
+    """The target side's one stop ladder (kit/cleanup.py uses it too): signal every group with
+    each step in turn, waiting up to the step's grace until no group has a live member left.
+
+    It lives here because this file is sent with `python3 -c` before anything is deployed, so
+    it must stand alone; deployed scripts import it from here.
+    """
+    for sig, grace in ladder:
+        alive = live_groups().intersection(pgids)
+        if not alive:
+            return
+        for pgid in alive:
+            with contextlib.suppress(OSError):
+                os.killpg(pgid, sig)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and live_groups().intersection(alive):
+            time.sleep(0.05)
 
 
 def remove(path):
@@ -131,7 +168,7 @@ def main(list_path):
     except (ConnectionLost, KeyboardInterrupt, OSError):
         pass
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    stop_groups(owned_groups(list_path), ESCALATION)
+    stop_groups(owned_groups(list_path))
     remove(list_path)
     return 0
 

@@ -24,9 +24,9 @@ from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Dict, List, Optional, Tuple
 
 if __package__:  # imported on the controller as usmlab.kit.server
-    from .labkit import JsonLinesLog, OneLineArgumentParser, format_address, one_line
+    from . import labkit
 else:  # run on the target, where labkit.py is deployed beside this script
-    from labkit import JsonLinesLog, OneLineArgumentParser, format_address, one_line
+    import labkit
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 8443
@@ -267,7 +267,7 @@ class LabServer(HTTPServer):
         address: Tuple[str, int],
         family: int,
         tls_context: ssl.SSLContext,
-        log: JsonLinesLog,
+        log: labkit.JsonLinesLog,
         name: Optional[str],
     ) -> None:
         self.address_family = family
@@ -306,13 +306,13 @@ class LabServer(HTTPServer):
         worker.start()
 
     def _serve_connection(self, raw: socket.socket, client_address: Any, conn_id: str) -> None:
-        peer = format_address(client_address[0], client_address[1])
+        peer = labkit.format_address(client_address[0], client_address[1])
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             raw.settimeout(HANDSHAKE_TIMEOUT_S)
             tls = self.tls_context.wrap_socket(raw, server_side=True)
         except (OSError, ValueError) as exc:
-            self.say("TLS handshake with {} failed: {}".format(peer, one_line(exc)))
+            self.say("TLS handshake with {} failed: {}".format(peer, labkit.one_line(exc)))
             raw.close()
             return
         self._connection.conn_id = conn_id
@@ -351,7 +351,7 @@ class LabServer(HTTPServer):
                 path,
                 status,
                 record["conn_id"],
-                format_address(record["peer_addr"], record["peer_port"]),
+                labkit.format_address(record["peer_addr"], record["peer_port"]),
             )
         )
 
@@ -367,7 +367,7 @@ class LabServer(HTTPServer):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = OneLineArgumentParser(
+    parser = labkit.OneLineArgumentParser(
         description="HTTPS Kubernetes-API look-alike for the USM lab.", allow_abbrev=False
     )
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to listen on")
@@ -398,7 +398,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         tls_context.load_cert_chain(args.cert, args.key)
     except (OSError, ssl.SSLError) as exc:
-        print("ERROR: cannot load certificate/key: {}".format(one_line(exc)), file=sys.stderr)
+        print(
+            "ERROR: cannot load certificate/key: {}".format(labkit.one_line(exc)), file=sys.stderr
+        )
         return EXIT_USAGE
     try:
         family = resolve_family(args.host, args.port)
@@ -406,12 +408,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         print("error: {}".format(exc), file=sys.stderr)
         return EXIT_USAGE
     try:
-        log = JsonLinesLog(args.log)
+        log = labkit.JsonLinesLog(args.log)
     except OSError as exc:
-        print("ERROR: cannot open log {}: {}".format(args.log, one_line(exc)), file=sys.stderr)
+        print(
+            "ERROR: cannot open log {}: {}".format(args.log, labkit.one_line(exc)), file=sys.stderr
+        )
         return EXIT_USAGE
 
-    where = format_address(args.host, args.port)
+    where = labkit.format_address(args.host, args.port)
     try:
         server = LabServer((args.host, args.port), family, tls_context, log, args.name)
     except OSError as exc:
@@ -439,7 +443,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     shown = (
         ":{}".format(server.port)
         if args.host == DEFAULT_HOST
-        else format_address(args.host, server.port)
+        else labkit.format_address(args.host, server.port)
     )
     print("Starting TLS server on {} (PID: {})".format(shown, server.pid), flush=True)
     try:

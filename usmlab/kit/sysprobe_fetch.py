@@ -27,10 +27,14 @@ import contextlib
 import errno
 import json
 import os
-import signal
 import socket
 import sys
 import time
+
+if __package__:  # imported on the controller as usmlab.kit.sysprobe_fetch
+    from . import labkit
+else:  # run on the target, where labkit.py is deployed beside this script
+    import labkit
 
 DEFAULT_SOCKET = "/opt/datadog-agent/run/sysprobe.sock"
 CHUNK = 1 << 16
@@ -43,12 +47,7 @@ EXIT_HTTP_STATUS = 6
 EXIT_MALFORMED = 7
 EXIT_IO = 8
 
-_stop = False
-
-
-def _on_signal(signum, frame):
-    global _stop
-    _stop = True
+STOP = labkit.StopFlag()  # SIGINT/SIGTERM: finish the step in progress, then end
 
 
 class FetchError(Exception):
@@ -262,7 +261,7 @@ def run_once(args):
     """Every path is tried (a disabled protocol must not hide the others); first failure wins."""
     code = 0
     for url_path, out_path in args.pairs:
-        if _stop:
+        if STOP.set:
             break
         try:
             status, size = fetch(args.socket, url_path, out_path, args.timeout)
@@ -303,12 +302,12 @@ def run_periodic(args):
             ok += 1
         sys.stdout.write(json.dumps({"round": seq, "ok": ok, "failed": len(args.path) - ok}) + "\n")
         sys.stdout.flush()
-        if _stop:
+        if STOP.set:
             return 0
         deadline = started + args.every
-        while not _stop and time.monotonic() < deadline:
+        while not STOP.set and time.monotonic() < deadline:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
-        if _stop:
+        if STOP.set:
             return 0
 
 
@@ -340,8 +339,7 @@ def parse_args(argv):
 
 def main(argv):
     args = parse_args(argv)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    STOP.install()
     if args.every:
         return run_periodic(args)
     return run_once(args)

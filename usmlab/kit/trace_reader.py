@@ -19,13 +19,13 @@ import select
 import signal
 import sys
 
+if __package__:  # imported on the controller as usmlab.kit.trace_reader
+    from . import labkit
+else:  # run on the target, where labkit.py is deployed beside this script
+    import labkit
+
 EXIT_BUSY = 16
-_stop = False
-
-
-def _on_signal(signum, frame):
-    global _stop
-    _stop = True
+STOP = labkit.StopFlag()  # SIGINT/SIGTERM: finish the step in progress, then end
 
 
 def main(argv):
@@ -36,8 +36,7 @@ def main(argv):
     parser.add_argument("--buffer-kb", type=int, default=0)
     parser.add_argument("--clock", default="mono")
     args = parser.parse_args(argv)
-    signal.signal(signal.SIGINT, _on_signal)
-    signal.signal(signal.SIGTERM, _on_signal)
+    STOP.install()
     if not args.prepare:
         if not args.trace_pipe:
             parser.error("give trace_pipe or --prepare")
@@ -81,17 +80,17 @@ def read(trace_pipe, out_path):
     print("reading", flush=True)
     with open(out_path, "ab", buffering=0) as out:
         while True:
-            if not _stop:
+            if not STOP.set:
                 select.select([fd, wake_r], [], [], 0.2)
             try:
                 chunk = os.read(fd, 1 << 16)
             except BlockingIOError:
-                if _stop:
+                if STOP.set:
                     break  # drained: nothing left in the ring buffer
                 continue
             if chunk:
                 out.write(chunk)
-            elif _stop:
+            elif STOP.set:
                 break
     os.close(fd)
     return 0

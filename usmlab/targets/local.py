@@ -8,7 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from usmlab.errors import UsmlabError
@@ -18,6 +18,15 @@ from usmlab.targets.base import BackgroundProcess, CommandFailed, CommandResult,
 def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "usmlab"
+
+
+@contextlib.contextmanager
+def _found(argv: Sequence[str]) -> Iterator[None]:
+    """A missing program is a one-line error, not a traceback."""
+    try:
+        yield
+    except FileNotFoundError:
+        raise UsmlabError(f"{argv[0]}: command not found on this machine") from None
 
 
 class LocalTarget(Target):
@@ -61,17 +70,11 @@ class LocalTarget(Target):
     ) -> CommandResult:
         full = self._argv(argv, sudo)
         try:
-            done = subprocess.run(
-                full,
-                stdin=subprocess.DEVNULL,
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=timeout,
-                env=self._env(env),
-            )
-        except FileNotFoundError:
-            raise UsmlabError(f"{full[0]}: command not found on this machine") from None
+            with _found(full):
+                done = subprocess.run(
+                    full, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                    errors="replace", timeout=timeout, env=self._env(env),
+                )  # fmt: skip
         except subprocess.TimeoutExpired:
             raise UsmlabError(f"{full[0]} did not finish within {timeout:.0f} s") from None
         result = CommandResult(done.returncode, done.stdout, done.stderr)
@@ -129,16 +132,11 @@ class LocalTarget(Target):
         with open(stdout_path, "ab") as out:
             err = out if stderr_path == stdout_path else open(stderr_path, "ab")  # noqa: SIM115
             try:
-                popen = subprocess.Popen(
-                    full,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=err,
-                    env=self._env(env),
-                    start_new_session=True,
-                )
-            except FileNotFoundError:
-                raise UsmlabError(f"{full[0]}: command not found on this machine") from None
+                with _found(full):
+                    popen = subprocess.Popen(
+                        full, stdin=subprocess.DEVNULL, stdout=out, stderr=err,
+                        env=self._env(env), start_new_session=True,
+                    )  # fmt: skip
             finally:
                 if err is not out:
                     err.close()

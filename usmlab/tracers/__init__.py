@@ -31,8 +31,9 @@ TRACER_CHOICES = ("auto", *TRACER_NAMES)  # auto: builtin when the target can ru
 
 def check_tracer_name(name: str) -> str:
     """The name, or a one-line usage error listing the choices."""
-    if name not in TRACER_CHOICES:
-        raise UsageError(f"unknown tracer {name!r}: use {', '.join(TRACER_CHOICES)}")
+    choices = ("auto", *TRACERS)
+    if name not in choices:
+        raise UsageError(f"unknown tracer {name!r}: use {', '.join(choices)}")
     return name
 
 
