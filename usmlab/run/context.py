@@ -22,7 +22,6 @@ from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.tracers import Tracer, TracerContext
 
 if TYPE_CHECKING:
-    from usmlab.run.features import Feature
     from usmlab.run.trace_reader import TracePipeCapture
 
 Progress = Callable[[str], None]
@@ -150,6 +149,39 @@ def _attempt(progress: Progress, entries: list[Started], stop: Callable[[], obje
     except Exception as exc:  # noqa: BLE001 - one failed stop must not skip the others
         names = ", ".join(f"{e.name} (pid {e.proc.pid})" if e.proc else e.name for e in entries)
         progress(f"warning: could not stop {names}: {exc}")
+
+
+class Feature:
+    """A scenario behaviour (run/features.py): every hook does nothing unless a feature
+    overrides it; the stages call each hook at its place."""
+
+    # Name of the start order this feature needs (pipeline.START_ORDERS), or None.
+    start_order: str | None = None
+
+    def plan(self, ctx: RunContext) -> None:
+        """Before anything starts: choose ports, build binaries."""
+
+    def servers_started(self, ctx: RunContext) -> None:
+        """Once every server is ready."""
+
+    def client_urls(self, ctx: RunContext, urls: list[str]) -> list[str]:
+        return urls
+
+    def client_paths(self, ctx: RunContext, index: int, paths: tuple[str, ...]) -> tuple[str, ...]:
+        return paths
+
+    def client_flags(self, ctx: RunContext, flags: list[str]) -> list[str]:
+        return flags
+
+    def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
+        """argv of the client program before its flags (default: the Python client)."""
+        return argv
+
+    def lead_time(self, ctx: RunContext) -> None:
+        """The `lead-time` stage: traffic runs before the tracer attaches."""
+
+    def tick(self, ctx: RunContext, elapsed: float) -> None:
+        """Called about every 0.1 s while the traffic runs."""
 
 
 @dataclass

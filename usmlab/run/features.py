@@ -1,7 +1,8 @@
 """Scenario behaviours as features that plug into the run's stages.
 
 A scenario is data (`usmlab/scenarios.py`); what makes one run differ from another is the set of
-features its parameters switch on. Each feature overrides only the hooks it needs; the stages
+features its parameters switch on. Each feature overrides only the hooks it needs (the hooks:
+`context.Feature`); the stages
 call every feature's hook at its place, so the runner never asks which scenario it runs. A new
 behaviour is one small class here plus one line in `FEATURES`. See docs/architecture.md.
 """
@@ -10,44 +11,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from usmlab.run.context import RunContext, Started
+from usmlab.run.context import Feature, RunContext, Started
+from usmlab.run.stages import start_clients, start_server
 from usmlab.scenarios import Params, check_url
 from usmlab.targets.base import term_then_kill
 
 # A restart is a crash-like stop: SIGTERM, as Kubernetes sends, then SIGKILL.
 RESTART_STOP = term_then_kill(3.0)
-
-
-class Feature:
-    """A scenario behaviour; every hook does nothing unless a feature overrides it."""
-
-    # Name of the start order this feature needs (pipeline.START_ORDERS), or None.
-    start_order: str | None = None
-
-    def plan(self, ctx: RunContext) -> None:
-        """Before anything starts: choose ports, build binaries."""
-
-    def servers_started(self, ctx: RunContext) -> None:
-        """Once every server is ready."""
-
-    def client_urls(self, ctx: RunContext, urls: list[str]) -> list[str]:
-        return urls
-
-    def client_paths(self, ctx: RunContext, index: int, paths: tuple[str, ...]) -> tuple[str, ...]:
-        return paths
-
-    def client_flags(self, ctx: RunContext, flags: list[str]) -> list[str]:
-        return flags
-
-    def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
-        """argv of the client program before its flags (default: the Python client)."""
-        return argv
-
-    def lead_time(self, ctx: RunContext) -> None:
-        """The `lead-time` stage: traffic runs before the tracer attaches."""
-
-    def tick(self, ctx: RunContext, elapsed: float) -> None:
-        """Called about every 0.1 s while the traffic runs."""
 
 
 class EphemeralPortServer(Feature):
@@ -132,8 +102,6 @@ class Restart(Feature):
         self.done = False
 
     def tick(self, ctx: RunContext, elapsed: float) -> None:
-        from usmlab.run.stages import start_clients, start_server
-
         params = ctx.params
         if self.done or elapsed < params.restart_after:
             return
