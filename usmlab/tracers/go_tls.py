@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from usmlab.arch import require_arch
+from usmlab.arch import AMD64, ARM64, require_arch
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import Target
 from usmlab.tracers.bpftrace import ATTACHED_MARK, LINE_MAX, render_template
@@ -34,8 +34,8 @@ class GoRegisters:
 
 
 REGISTERS = {
-    "amd64": GoRegisters(conn="ax", buf="bx", len="cx"),  # RAX, RBX, RCX
-    "arm64": GoRegisters(conn="r0", buf="r1", len="r2"),  # X0, X1, X2
+    AMD64.go: GoRegisters(conn="ax", buf="bx", len="cx"),  # RAX, RBX, RCX
+    ARM64.go: GoRegisters(conn="r0", buf="r1", len="r2"),  # X0, X1, X2
 }
 
 

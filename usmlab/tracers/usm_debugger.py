@@ -15,7 +15,7 @@ import re
 import time
 from typing import Any, NamedTuple
 
-from usmlab.arch import find_arch
+from usmlab.arch import AMD64, find_arch
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.tracers import Tracer, TracerContext
@@ -40,7 +40,7 @@ _GO_CRASH = re.compile(r"^(panic: |fatal error: )")
 def build_arch(machine: str) -> str:
     """The `--arch` the build task wants for a target's `uname -m`."""
     arch = find_arch(machine)
-    return arch.dda if arch else (machine or "x86_64")
+    return arch.dda if arch else (machine or AMD64.dda)
 
 
 def build_hint(machine: str) -> str:
