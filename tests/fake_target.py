@@ -31,6 +31,7 @@ class FakeTarget(Target):
         self._next_pid = 1000
         self._polls: dict[int, int] = {}
         self.live: dict[int, BackgroundProcess] = {}
+        self.procs: list[BackgroundProcess] = []  # every process ever started
 
     @property
     def label(self) -> str:
@@ -80,6 +81,9 @@ class FakeTarget(Target):
 
     def read_text(self, remote: str, sudo: bool = False) -> str:
         name = Path(remote).name
+        started = [p for p in self.procs if p.stdout_path == remote]
+        if name.startswith("server") and started:
+            return f"Starting TLS server on :8443 (PID: {started[-1].pid})\n"
         if name == "tracer.log":
             return f"{ATTACHED_MARK} 123000000000\n"
         if name == "capture.log":
@@ -102,6 +106,7 @@ class FakeTarget(Target):
             stdout_path=stdout_path, stderr_path=stderr_path or stdout_path, sudo=sudo,
         )  # fmt: skip
         self.live[proc.pid] = proc
+        self.procs.append(proc)
         self.events.append(("start", name))
         return proc
 

@@ -343,7 +343,7 @@ def two_server_sample(double: SysprobeDouble) -> None:
     """The two-server lab in the double's feed, with one planted misattribution.
 
     A Go client (tls.library:go) calls /server8443/... on 8443 and /server9443/... on 9443;
-    one aggregate says /server8443/identify was served on 9443: field notes §3's symptom.
+    one aggregate says /server8443/identify was served on 9443: the symptom of docs/background.md.
     """
     go = STATIC_TAG_GO
     lo = "127.0.0.1"

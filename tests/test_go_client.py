@@ -1,6 +1,6 @@
 """The Go crypto/tls client and the Go TLS probes, against the real Python server on loopback.
 
-The Go client is what reproduced the misattribution (field notes §3): these tests build it with
+The Go client is what reproduced the misattribution (docs/background.md): these tests build it with
 the real Go toolchain, check that its client.jsonl is the documented contract (so the analysis
 can match it against server.jsonl), that its churn flags really change how connections are made,
 and, as root, that the Go TLS uprobes see every request it sends under its own pid.
@@ -29,6 +29,7 @@ import pytest
 from usmlab.certs import LabCerts, ensure_certs
 from usmlab.errors import UsmlabError
 from usmlab.kit.probe import mapped_libraries
+from usmlab.manifest import run_tag
 from usmlab.run import go_client as go_build
 from usmlab.run.go_client import GoBuild, GoBuildError, build_go_client, find_go
 from usmlab.scenarios import DEFAULT_PATHS as SCENARIO_DEFAULT_PATHS
@@ -43,8 +44,14 @@ CLIENT_FIELDS = [
     "error", "scheduled_mono", "start_mono", "end_mono", "start_wall", "end_wall", "conn_id",
 ]  # fmt: skip
 DEFAULT_PATHS = list(SCENARIO_DEFAULT_PATHS)
-TLS_LINE = re.compile(r"bpf_trace_printk: usmlab-tls (write|read) pid=(\d+) len=(\d+) line=(.*)$")
-TLS_READ_CALL = re.compile(r"bpf_trace_printk: usmlab-tls read-call pid=(\d+) len=(\d+)$")
+# Every line names the run whose tracer printed it (run_tag("test") for the program below).
+TAG = run_tag("test")
+TLS_LINE = re.compile(
+    rf"bpf_trace_printk: usmlab-tls (write|read) pid=(\d+) len=(\d+) run={TAG} line=(.*)$"
+)
+TLS_READ_CALL = re.compile(
+    rf"bpf_trace_printk: usmlab-tls read-call pid=(\d+) len=(\d+) run={TAG}$"
+)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -109,7 +116,7 @@ def server(tmp_path: Path, certs: LabCerts) -> Iterator[Server]:
 
 @pytest.fixture
 def two_servers(tmp_path: Path, certs: LabCerts) -> Iterator[tuple[Server, Server]]:
-    """Two servers on their own ports: the setup that reproduced the bug (field notes §3)."""
+    """Two servers on their own ports: the setup that reproduced the bug (docs/background.md)."""
     with launch_server(tmp_path / "a", certs) as a, launch_server(tmp_path / "b", certs) as b:
         yield a, b
 

@@ -1,4 +1,4 @@
-"""The hypothesis scenarios (field notes §3) run end to end with the built-in tracer."""
+"""The hypothesis scenarios (docs/background.md) run end to end with the built-in tracer."""
 
 from __future__ import annotations
 

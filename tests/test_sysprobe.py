@@ -359,7 +359,7 @@ def test_verdict_reports_a_planted_misattribution_and_a_foreign_pid(
         request_summary((LO, 40102), (LO, 9443), "/server9443/identify", {200: 39}, static_tags=go),
         request_summary((LO, 40106), (LO, 8443), "/server8443/identify", {200: 7, 503: 1}),
     )
-    if planted:  # field notes §3: a path naming 8443, recorded with server port 9443
+    if planted:  # the two-server rule: a path naming 8443, recorded with server port 9443
         double.add_http(
             request_summary(
                 (LO, 40104), (LO, 9443), "/server8443/identify", {200: 2}, static_tags=go

@@ -1,4 +1,4 @@
-"""trace_pipe parsing and message classification, on the literal lines of field notes §2."""
+"""trace_pipe parsing and message classification, on literal lines seen from USM."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ from usmlab.analysis.trace_pipe import (
     parse_lines,
 )
 
-# Literal lines from field notes §2 (arm64, kernel 5.15).
+# Literal lines seen from USM (arm64, kernel 5.15).
 REAL_LINES = [
     "tls_client-72249 [000] d...1 257128.137261: bpf_trace_printk: http2 event enqueued: "
     "cpu: 0 batch_idx: 0 len: 1",
@@ -451,3 +451,27 @@ def test_usm_printks_read_from_bytes_get_the_same_class_as_from_text(
         assert shortcut == classify(message)
     if "/api/" in message or "/server" in message:
         assert shortcut is None and classify(message).path is not None
+
+
+def _scan_seconds(continuation_bytes: int) -> float:
+    import time
+
+    line = b"x" * 63
+    lines = [b"usmlab-17 [000] .... 10.000001: bpf_trace_printk: GET /api/v1/x HTTP/1.1"]
+    lines += [line] * (continuation_bytes // 64)
+    best = float("inf")
+    for _ in range(3):
+        scanner = TraceScanner(classify, len(KINDS))
+        t0 = time.perf_counter()
+        scanner.scan(lines)
+        scanner.finish()
+        best = min(best, time.perf_counter() - t0)
+    assert scanner.stats.continuation_lines == len(lines) - 1
+    return best
+
+
+def test_a_huge_run_of_continuation_lines_is_parsed_in_linear_time() -> None:
+    """A header followed by megabytes of non-header lines (garbage, or a reader gone wrong):
+    the time grows with the bytes, not with their square (8x the bytes: well under 16x)."""
+    small, large = _scan_seconds(512 * 1024), _scan_seconds(4 * 1024 * 1024)
+    assert large / small < 16, f"0.5 MB: {small:.3f} s, 4 MB: {large:.3f} s"

@@ -631,7 +631,7 @@ def test_check_reports_ready_only_when_a_handshake_completes(
 
 
 # ---------------------------------------------------------------------------------------------
-# One client, two servers (the setup that reproduced the bug: field notes §3)
+# One client, two servers (the setup that reproduced the bug: docs/background.md)
 
 
 @pytest.mark.parametrize("connection", ["new", "reuse"])

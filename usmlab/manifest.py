@@ -9,6 +9,7 @@ alone decides which files are a role's logs (every client of a multi-client or r
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import os
 import re
@@ -72,6 +73,12 @@ class Manifest(dict[str, Any]):
     def inventory(self) -> None:
         """Record sha256 and size of every file of the run folder."""
         self["files"] = file_inventory(self.run_dir)
+
+
+def run_tag(run_id: str) -> str:
+    """The short tag every line of a run's tracer carries (`run=`), so a capture can tell its
+    own tracer's lines from another usmlab run's."""
+    return hashlib.sha256(run_id.encode()).hexdigest()[:8]
 
 
 def new_run_dir(runs_dir: Path, scenario: str, target_label: str) -> tuple[str, Path]:

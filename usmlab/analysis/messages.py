@@ -1,8 +1,8 @@
 """What a trace_pipe message says: the built-in tracer's TLS lines, USM's debug printks, or
 something else that merely mentions a lab path.
 
-Formats (docs/formats.md, docs/trace_pipe.md): `usmlab-tls write|read pid=N len=N line=<first line>`
-and the Go probes' `usmlab-tls read-call pid=N len=N`;
+Formats (docs/formats.md, docs/trace_pipe.md): `usmlab-tls write|read pid=N len=N run=TAG line=...`
+and the Go probes' `usmlab-tls read-call pid=N len=N run=TAG`;
 USM's `http_process: type=%d method=%d`, `http_begin_request: ...`, `<batch> event enqueued: ...`
 and friends, which carry no pid and no path; the manual lab README's approximate
 `http_process: pid=<PID> GET /path ... 127.0.0.1:<port> -> 127.0.0.1:8443`, which a patched tracer
@@ -76,6 +76,7 @@ class TlsEvent(MessageEvent):
     direction: str = ""
     length: int = 0
     line: str = ""
+    run: str | None = None  # the tag of the run whose tracer printed it
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,10 +104,13 @@ class UsmEvent(MessageEvent):
         return int(port) if port.isdigit() else None
 
 
-_TLS = re.compile(r"usmlab-tls (write|read) pid=(\d+) len=(-?\d+) line=(.*)", re.DOTALL)
+# `run=` tags the lines of one run's tracer (older captures have none).
+_TLS = re.compile(
+    r"usmlab-tls (write|read) pid=(\d+) len=(-?\d+)(?: run=(\w+))? line=(.*)", re.DOTALL
+)
 # The Go probes' entry into Conn.Read: no plaintext yet, and the time is when the goroutine
 # started waiting, so it names a process but is no evidence of a request (docs/formats.md).
-_TLS_READ_CALL = re.compile(r"usmlab-tls read-call pid=(\d+) len=(-?\d+)")
+_TLS_READ_CALL = re.compile(r"usmlab-tls read-call pid=(\d+) len=(-?\d+)(?: run=(\w+))?")
 _REQUEST_LINE = re.compile(r"([A-Z]{3,10}) (\S+)(?: HTTP/\d(?:\.\d)?)?")
 _STATUS_LINE = re.compile(r"HTTP/\d(?:\.\d)? (\d{3})(?: .*)?", re.DOTALL)
 _LAB_PATH = re.compile(r"(/api/|/server)[^\s\"'<>,;]*")
@@ -198,7 +202,7 @@ def _shared_events() -> dict[str, UsmEvent]:
 
 
 def _tls(match: re.Match[str]) -> TlsEvent:
-    direction, pid, length, line = match.groups()
+    direction, pid, length, run, line = match.groups()
     method = path = None
     status = None
     request = _REQUEST_LINE.fullmatch(line)
@@ -217,6 +221,7 @@ def _tls(match: re.Match[str]) -> TlsEvent:
         direction=direction,
         length=int(length),
         line=line,
+        run=run,
     )
 
 
@@ -282,8 +287,9 @@ def classify(message: str) -> MessageEvent:
             call = _TLS_READ_CALL.fullmatch(message)
             if call is not None:
                 event = TlsEvent(
-                    "tls_read_call", pid=int(call[1]), direction="read-call", length=int(call[2])
-                )
+                    "tls_read_call", pid=int(call[1]), direction="read-call",
+                    length=int(call[2]), run=call[3],
+                )  # fmt: skip
     else:
         event = _usm(message)
     if event is not None and (event.path is not None or event.pid is not None):

@@ -28,7 +28,7 @@ from usmlab.analysis.runfiles import (
 from usmlab.analysis.threads import ThreadMap
 from usmlab.analysis.verdict import LabContext, Verdict, correlate
 from usmlab.analysis.verdict import exit_status as _outcome_status
-from usmlab.manifest import Manifest
+from usmlab.manifest import Manifest, run_tag
 
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
@@ -62,6 +62,7 @@ class Report:
     source: dict[str, Any]
     lab_traffic_unmatched: int = 0
     server_records_unmatched: int = 0
+    other_tracer_lines: int = 0
     schema_version: int = SCHEMA_VERSION
     system_probe: dict[str, Any] | None = None  # --tracer system-probe: its stats, judged
 
@@ -97,7 +98,7 @@ def _roles(threads: ThreadMap) -> dict[str, dict[str, Any]]:
 _FROM_VERDICT = (
     "outcome", "requests", "foreign", "message_counts", "unmatched_captures",
     "unmatched_captures_count", "events_by_process", "hints", "misattributed_requests",
-    "missed_requests", "lab_traffic_unmatched", "server_records_unmatched",
+    "missed_requests", "lab_traffic_unmatched", "server_records_unmatched", "other_tracer_lines",
 )  # fmt: skip
 
 
@@ -181,6 +182,7 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
         tracer=tracer,
         tracer_errors=tracer_errors(run_dir / "tracer.log"),
         has_client_log=bool(client_logs),
+        run_tag=run_tag(manifest["run_id"]) if isinstance(manifest.get("run_id"), str) else None,
     )
     trace = run_dir / "trace_pipe.log"
     verdict = correlate(ctx, trace if trace.exists() else None, workers)
@@ -310,6 +312,10 @@ def render_table(report: Report) -> str:
             f"  first wrong    seq {first['seq']} {first['path']} -> pid {first['pid']} "
             f"tid {first['tid']} {first['comm']}"
         )
+    if report.server_records_unmatched:
+        lines.append(f"server records   {report.server_records_unmatched} nobody in this run sent")
+    if report.other_tracer_lines:
+        lines.append(f"other tracer     {report.other_tracer_lines} lines of another usmlab run")
     if report.foreign:
         shown = ", ".join(_foreign_text(f) for f in report.foreign[:3])
         more = f" (+{len(report.foreign) - 3} more)" if len(report.foreign) > 3 else ""

@@ -143,6 +143,12 @@ def _message_text(rest: bytes) -> str:
     return text[:-1] if text.endswith("\r") else text
 
 
+# A message grows by its continuation lines up to this many bytes; further lines are counted
+# but not appended. bpf_trace_printk writes at most 1 KiB a call and trace_marker a page, so only
+# garbage gets there, and the cap keeps a huge run of non-header lines linear, not quadratic.
+MESSAGE_MAX = 16384
+
+
 class TraceScanner:
     """Incremental trace_pipe scanner over bytes lines without their line feeds.
 
@@ -175,6 +181,7 @@ class TraceScanner:
         self._prev_kept = False  # whether that record was handed over (then it is held)
         self._held: Row | None = None
         self._pending: tuple[bytes, ThreadHeader, bytes, bytes, MessageClass] | None = None
+        self._full: bytes | None = None  # the header line whose message reached MESSAGE_MAX
 
     def thread_counts(self) -> dict[tuple[int, str], list[int]]:
         """Per (tid, comm): how many records of each kind were counted, not handed over."""
@@ -359,6 +366,8 @@ class TraceScanner:
             stats.unparsed_lines += 1
             return prev, kept
         stats.continuation_lines += 1
+        if prev is self._full:  # counted, not appended: no real message is that long
+            return prev, kept
         return prev, self._continue(line, rows, prev, kept)
 
     def _continue(self, line: bytes, rows: list[Row], prev: bytes, kept: bool) -> bool:
@@ -378,6 +387,8 @@ class TraceScanner:
             klass = self._class_for(rest, remember=fast)
             header.counts[klass.index] -= 1
         rest = rest + b"\n" + line
+        if len(rest) >= MESSAGE_MAX:
+            self._full = prev
         klass = self._class_for(rest, remember=False)
         self._pending = (prev, header, head, rest, klass)
         return self._place(rows, header, head, rest, klass)

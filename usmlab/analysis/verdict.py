@@ -27,6 +27,7 @@ from usmlab.analysis.messages import (
     KINDS,
     TRAFFIC_KINDS,
     MessageEvent,
+    TlsEvent,
     classify,
     is_lab_path,
     shared_event,
@@ -127,6 +128,7 @@ class LabContext:
     tracer: str | None = None
     tracer_errors: list[str] = field(default_factory=list)
     has_client_log: bool = True
+    run_tag: str | None = None  # this run's tracer tag: other tags are another usmlab tracer
 
 
 @dataclass
@@ -174,6 +176,7 @@ class Tally:
     lab_traffic: int = 0
     lab_traffic_unmatched: int = 0
     lab_path_captures: int = 0
+    other_tracer_lines: int = 0  # lines of another run's usmlab tracer: not this run's captures
     first_ts: float | None = None
     last_ts: float | None = None
 
@@ -228,6 +231,7 @@ class Tally:
         self.lab_traffic += other.lab_traffic
         self.lab_traffic_unmatched += other.lab_traffic_unmatched
         self.lab_path_captures += other.lab_path_captures
+        self.other_tracer_lines += other.other_tracer_lines
         if other.first_ts is not None:
             self.first_ts = (
                 other.first_ts if self.first_ts is None else min(self.first_ts, other.first_ts)
@@ -344,6 +348,7 @@ class Verdict:
     clock_offset_source: str
     lab_traffic_unmatched: int
     server_records_unmatched: int
+    other_tracer_lines: int
     hints: list[str]
     first_ts: float | None
     last_ts: float | None
@@ -435,9 +440,13 @@ class Correlator:
         owner_of = self._owner_cache.get
         owner_comms = tally.owner_comms
         first, last = tally.first_ts, tally.last_ts
+        run_tag = self.ctx.run_tag
         for header, head, _rest, ev in rows:
             if header is None:
                 continue  # LOST: already in the scanner's stats
+            if run_tag is not None and type(ev) is TlsEvent and ev.run not in (None, run_tag):
+                tally.other_tracer_lines += 1  # another usmlab run's tracer printed it
+                continue
             ts = float(head[header.ts_offset :])
             if first is None or ts < first:
                 first = ts
@@ -761,6 +770,7 @@ class Correlator:
             clock_offset_source=clock_offset_source,
             lab_traffic_unmatched=tally.lab_traffic_unmatched,
             server_records_unmatched=self.server_records_unmatched,
+            other_tracer_lines=tally.other_tracer_lines,
             hints=[],
             first_ts=tally.first_ts,
             last_ts=tally.last_ts,
@@ -1014,6 +1024,16 @@ def hints_for(verdict: Verdict, ctx: LabContext) -> list[str]:
             hints.append("built-in tracer: see tracer.log for bpftrace errors")
     if ctx.tracer_errors:
         hints.append(f"tracer.log reports: {ctx.tracer_errors[0]}")
+    if verdict.other_tracer_lines:
+        hints.append(
+            f"{verdict.other_tracer_lines} lines of this capture come from another usmlab run's "
+            "tracer (another run on this machine): they are not judged as this run's captures"
+        )
+    if verdict.server_records_unmatched:
+        hints.append(
+            f"the server logged {verdict.server_records_unmatched} request(s) that no client of "
+            "this run sent: someone else called this run's server (another run on its port?)"
+        )
     if stats.lost_events:
         hints.append(
             f"the kernel dropped {stats.lost_events} trace events (`LOST`): missed requests "

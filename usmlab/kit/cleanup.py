@@ -89,8 +89,14 @@ def main(argv):
     parser = argparse.ArgumentParser(prog="cleanup.py")
     parser.add_argument("--work-dir", required=True)
     parser.add_argument("--run-id", help="only this run's leftovers")
+    parser.add_argument(
+        "--ending", action="store_true", help="the run --run-id is ending: its marker is dead"
+    )
     args = parser.parse_args(argv)
     markers = read_markers(args.work_dir)
+    if args.ending and args.run_id:
+        pid, run_dir, _ = markers.get(args.run_id, (None, None, False))
+        markers[args.run_id] = (pid, run_dir, False)
     # Only runs of this work dir whose lifeline died: another work dir's runs, or processes
     # with no marker at all, are not ours to end.
     dead = {

@@ -53,7 +53,9 @@ def main(argv):
             trace_pipe = json.load(handle)["trace_pipe"]
         code = read(args.trace_pipe or trace_pipe, args.out)
     finally:
-        restored = tracefs.restore(args.prepare)
+        # The tracer may still be detaching through tracefs: the mount stays until the
+        # controller has seen it exit (run/trace_reader.py).
+        restored = tracefs.restore(args.prepare, unmount=False)
     if restored == 0:
         print("restored", flush=True)
     return code or restored

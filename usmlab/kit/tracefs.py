@@ -105,7 +105,10 @@ def prepare(state_file, buffer_kb, clock):
     return 0
 
 
-def restore(state_file):
+def restore(state_file, unmount=True):
+    """Put back what prepare() changed. `unmount=False` leaves a tracefs the run mounted in
+    place (a tracer may still be detaching its probes through it) and keeps a state file that
+    says only that, for a later restore to unmount."""
     try:
         with open(state_file) as handle:
             state = json.load(handle)
@@ -122,9 +125,14 @@ def restore(state_file):
                 _write(os.path.join(path, name), str(value))
             except OSError as err:
                 problems.append("%s: %s" % (name, err))
-    if state.get("mounted"):
-        subprocess.run(["umount", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    os.unlink(state_file)
+    if state.get("mounted") and not unmount:
+        pending = {"path": path, "mounted": True, "buffer_size_kb": "", "trace_clock": ""}
+        with open(state_file, "w") as handle:
+            json.dump(pending, handle)
+    else:
+        if state.get("mounted"):
+            subprocess.run(["umount", path], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        os.unlink(state_file)
     if problems:
         print("error: could not restore " + "; ".join(problems), file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from usmlab.manifest import Manifest
+from usmlab.run.signals import held_signals
 from usmlab.scenarios import Params, Scenario
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.tracers import Tracer, TracerContext
@@ -87,6 +88,7 @@ class Started:
     # When the traffic ended on its own: signal sent once the given role's stage is stopped,
     # so a slow exit overlaps the rest of the teardown (docs/architecture.md, "teardown").
     nudge: tuple[str, signal.Signals] | None = None
+    retired: bool = False  # stopped on purpose mid-run (a restart): its exit is no news
 
     @property
     def stage(self) -> int:
@@ -110,6 +112,18 @@ class ProcessRegistry:
 
     def procs(self, role: str) -> list[BackgroundProcess]:
         return [e.proc for e in self.entries if e.role == role and e.proc is not None]
+
+    def live(self, role: str) -> list[BackgroundProcess]:
+        """Processes of a role that no one meant to stop yet."""
+        return [
+            e.proc for e in self.entries if e.role == role and e.proc is not None and not e.retired
+        ]
+
+    def retire(self, procs: list[BackgroundProcess]) -> None:
+        """Mark processes as stopped on purpose before they are (a restart)."""
+        for entry in self.entries:
+            if entry.proc is not None and any(entry.proc is p for p in procs):
+                entry.retired = True
 
     def for_manifest(self) -> list[dict[str, Any]]:
         return [
@@ -236,6 +250,19 @@ class RunContext:
 
     def with_env(self, name: str, role: str, argv: list[str]) -> list[str]:
         return ["env", *(f"{k}={v}" for k, v in self.env(name, role).items()), *argv]
+
+    def start(
+        self, argv: list[str], *, name: str, role: str, sudo: bool = False, **extra: Any
+    ) -> BackgroundProcess:
+        """Start a lab process and record it, with signals held back in between: once a
+        process exists it is in the registry, so teardown stops it (docs/architecture.md)."""
+        with held_signals():
+            proc = self.target.start(
+                argv, name=name, stdout_path=self.remote(f"{name}.log"), sudo=sudo
+            )
+            self.registry.process(proc, role, **extra)
+        self.save_manifest()
+        return proc
 
     def kit_script(self, name: str, role: str, script: str, *args: str) -> list[str]:
         """argv of a kit script run as a lab process `name` of `role`."""

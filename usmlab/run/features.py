@@ -12,6 +12,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from usmlab.run.context import Feature, RunContext, Started
+from usmlab.run.signals import held_signals
 from usmlab.run.stages import start_clients, start_server
 from usmlab.scenarios import Params, check_url
 from usmlab.targets.base import term_then_kill
@@ -68,11 +69,12 @@ class Nat(Feature):
         assert params.nat_vip is not None
         vip_host, vip_port = check_url(f"https://{params.nat_vip}")
         to = f"{params.host}:{ctx.server_ports[0]}"
-        rule = NatRule.add(
-            ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id,
-            vip_host, vip_port, params.host, ctx.server_ports[0],
-        )  # fmt: skip
-        ctx.registry.add(Started("nat", "nat", stop=rule.remove))
+        with held_signals():
+            rule = NatRule.add(
+                ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id,
+                vip_host, vip_port, params.host, ctx.server_ports[0],
+            )  # fmt: skip
+            ctx.registry.add(Started("nat", "nat", stop=rule.remove))
         ctx.manifest["nat"] = {"vip": params.nat_vip, "to": to}
         ctx.progress(f"nat: {params.nat_vip} -> {to}")
 
@@ -114,13 +116,16 @@ class Restart(Feature):
         if params.restart in ("server", "both"):
             servers = [
                 e for e in ctx.registry.entries
-                if e.role == "server" and e.proc is not None and e.proc.exit_code is None
+                if e.role == "server" and e.proc is not None and not e.retired
             ]  # fmt: skip
-            ctx.target.stop_many([e.proc for e in servers if e.proc], RESTART_STOP)
+            stopping = [e.proc for e in servers if e.proc]
+            ctx.registry.retire(stopping)
+            ctx.target.stop_many(stopping, RESTART_STOP)
             for entry in servers:
                 assert entry.port is not None
                 start_server(ctx, f"{entry.name.split('-r')[0]}{suffix}", entry.port)
         if params.restart in ("client", "both"):
+            ctx.registry.retire(ctx.clients)
             ctx.target.stop_many(ctx.clients, RESTART_STOP)
             start_clients(ctx, remaining, suffix)
         ctx.progress(f"restart: {params.restart} respawned with new PIDs")

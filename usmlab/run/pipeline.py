@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import platform
-import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,19 +25,23 @@ from usmlab.jsonlines import read_jsonl
 from usmlab.kit.client import summarize
 from usmlab.manifest import Manifest, new_run_dir, now_iso
 from usmlab.run import stages
+from usmlab.run.cleanup import clean_target
 from usmlab.run.context import Progress, RunContext
 from usmlab.run.features import features_for
+from usmlab.run.signals import signals_as_interrupts, signals_noted
 from usmlab.scenarios import Params, Scenario
 from usmlab.targets.base import Target
 
 Stage = Callable[[RunContext], None]
 
+TEARDOWN_NOTICE = "usmlab: stopping the run's processes and restoring tracefs; finishing first"
+
 STAGES: dict[str, Stage] = {
     "deploy": stages.deploy,
-    "tracer": stages.choose_tracer,
+    "choose-tracer": stages.choose_tracer,
     "plan": stages.plan,
+    "capture": stages.claim_trace_pipe,
     "observers": stages.start_observers,
-    "capture-ready": stages.capture_ready,
     "attached": stages.attached,
     "servers": stages.start_servers,
     "clients": stages.start_clients,
@@ -47,18 +50,17 @@ STAGES: dict[str, Stage] = {
 }
 
 # Every run starts with these; the tracer they choose and the scenario pick the start order.
-PREPARE = ("deploy", "tracer", "plan")
+PREPARE = ("deploy", "choose-tracer", "plan")
+# trace_pipe is always claimed before any tracer starts (`capture`).
 START_ORDERS: dict[str, tuple[str, ...]] = {
     # uprobes on a library file cover running processes: the server starts while the tracer
     # attaches (its readiness check is a bare handshake, nothing to capture); traffic waits.
-    "server-during-attach": (
-        "observers", "servers", "capture-ready", "attached", "clients", "traffic",
-    ),
+    "server-during-attach": ("capture", "observers", "servers", "attached", "clients", "traffic"),
     # a tracer that finds processes as they load libssl (usm-debugger) is attached first.
-    "attach-first": ("observers", "capture-ready", "attached", "servers", "clients", "traffic"),
+    "attach-first": ("capture", "observers", "attached", "servers", "clients", "traffic"),
     # the `preexisting` hypothesis: connections older than the tracer.
     "traffic-first": (
-        "servers", "clients", "lead-time", "observers", "capture-ready", "attached", "traffic",
+        "servers", "clients", "lead-time", "capture", "observers", "attached", "traffic",
     ),
 }  # fmt: skip
 
@@ -93,40 +95,6 @@ def client_failure(records: list[dict[str, Any]]) -> str | None:
     first = records[0]
     reason = first.get("error") or f"status {first.get('status')}"
     return f"none of the {len(records)} requests succeeded: {reason}"
-
-
-@contextlib.contextmanager
-def _signals_as_interrupts() -> Iterator[None]:
-    """SIGTERM ends a run the way Ctrl-C does: stopped cleanly, marked interrupted."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def _raise(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
-@contextlib.contextmanager
-def _deferred_interrupts() -> Iterator[list[int]]:
-    """Cleanup must finish: a second Ctrl-C during it is noted, not obeyed."""
-    if threading.current_thread() is not threading.main_thread():
-        yield []
-        return
-    caught: list[int] = []
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
-    for sig in handlers:
-        signal.signal(sig, lambda signum, frame: caught.append(signum))
-    try:
-        yield caught
-    finally:
-        for sig, handler in handlers.items():
-            signal.signal(sig, handler)
 
 
 class LabRun:
@@ -173,7 +141,7 @@ class LabRun:
         ctx.progress(f"run folder: {ctx.run_dir}")
         ctx.lap_start = time.monotonic()
         status, error = "failed", None
-        with _signals_as_interrupts():
+        with signals_as_interrupts():
             try:
                 self.run_stages()
                 status = "complete"
@@ -183,10 +151,10 @@ class LabRun:
             except UsmlabError as exc:
                 status, error = "failed", str(exc)
             finally:
-                with _deferred_interrupts():
+                with signals_noted(ctx.progress, TEARDOWN_NOTICE):
                     if status != "complete":
                         ctx.lap(f"until {status}")
-                    self.teardown(traffic_ended=status == "complete")
+                    self.teardown(traffic_ended=status == "complete", sweep=status != "complete")
                     ctx.lap("teardown")
                     ctx.manifest.update(status=status, ended=now_iso())
                     if error:
@@ -227,10 +195,22 @@ class LabRun:
             "trace_clock": None,
         }
 
-    def teardown(self, traffic_ended: bool = False) -> None:
-        """Stop everything the registry holds, stage by stage (context.STOP_STAGES)."""
+    def teardown(self, traffic_ended: bool = False, sweep: bool = False) -> None:
+        """Stop everything the registry holds, stage by stage (context.STOP_STAGES).
+
+        After a run that did not complete, `sweep` also ends anything on the target that still
+        carries this run's USMLAB_RUN_ID, whatever the registry knows: the last word on leaks.
+        """
         ctx = self.ctx
         ctx.registry.stop_all(ctx.target, ctx.progress, traffic_ended)
+        if sweep and ctx.kit_dir:
+            try:
+                ended = [e for e in clean_target(ctx.target, ctx.run_id, ending=True) if "pid" in e]
+            except Exception as exc:  # noqa: BLE001 - reported; `usmlab cleanup` can do it later
+                ctx.progress(f"warning: could not sweep the run's processes: {exc}")
+            else:
+                if ended:
+                    ctx.progress(f"cleanup: ended {len(ended)} process(es) the run had left")
         with contextlib.suppress(Exception):
             ctx.save_manifest()
 

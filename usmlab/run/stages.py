@@ -15,6 +15,7 @@ from usmlab.errors import UsmlabError
 from usmlab.kit import kit_files
 from usmlab.run.cleanup import clean_target
 from usmlab.run.context import RunContext, Started, TargetFacts
+from usmlab.run.signals import held_signals
 from usmlab.run.trace_reader import TracePipeCapture
 from usmlab.targets.base import BackgroundProcess
 from usmlab.tracers import TracerContext, make_tracer
@@ -114,18 +115,27 @@ def _port_holder(ctx: RunContext, port: int) -> str | None:
 # -- observers -------------------------------------------------------------------------------
 
 
+def claim_trace_pipe(ctx: RunContext) -> None:
+    """Start the trace_pipe reader and wait until it holds trace_pipe, before any tracer starts:
+    a run that loses trace_pipe to another reader then attaches no probe at all."""
+    if ctx.tracer is None:
+        return
+    ctx.progress("capture: opening trace_pipe")
+    capture = ctx.capture = TracePipeCapture(ctx.target, ctx.remote_dir, ctx.kit_dir)
+    entry = ctx.registry.add(Started("capture", "capture", stop=lambda: _stop_capture(ctx)))
+    with held_signals():
+        entry.proc = capture.start(ctx.env("capture", "capture"))
+    ctx.save_manifest()
+    capture.wait_ready()
+    ctx.note_capture_state()
+    ctx.lap("capture")
+
+
 def start_observers(ctx: RunContext) -> None:
-    """Start the trace_pipe reader, the tracer and the thread sampler; `capture_ready` and
-    `attached` wait until the reader holds trace_pipe and the probes are in."""
+    """Start the tracer, the thread sampler and (system-probe) the stats fetcher; `attached`
+    waits until the probes are in."""
     target, tracer = ctx.target, ctx.tracer
     if tracer is not None:
-        ctx.progress("capture: opening trace_pipe")
-        capture = ctx.capture = TracePipeCapture(target, ctx.remote_dir, ctx.kit_dir)
-        entry = ctx.registry.add(Started("capture", "capture", stop=lambda: _stop_capture(ctx)))
-        entry.proc = capture.start(ctx.env("capture", "capture"))
-        # The tracer loads while the reader opens trace_pipe: the reader empties the trace
-        # buffer within milliseconds, long before any probe of a loading tracer can fire on
-        # lab traffic (no workload runs yet), and traffic waits for both.
         ctx.progress(f"tracer {tracer.name}: starting, waiting for probes to attach")
         assert ctx.facts is not None
         tctx = TracerContext(
@@ -137,24 +147,23 @@ def start_observers(ctx: RunContext) -> None:
             go_binaries=[ctx.go_client] if ctx.go_client else [],
             binary=ctx.usm_debugger,
         )
-        proc = tracer.start(target, tctx)
         # A tracer that prints at each probe hit has nothing more to say about the lab once
         # the clients are done: told to stop then, its exit overlaps the rest of the teardown;
-        # the reader may then drain and restore tracefs once the servers are down.
+        # the reader may then drain once the servers are down.
         early = tracer.stops_early
-        ctx.registry.process(proc, "tracer", nudge=("client", signal.SIGINT) if early else None)
-        if early:
-            entry.nudge = ("server", signal.SIGTERM)
+        with held_signals():
+            proc = tracer.start(target, tctx)
+            ctx.registry.process(proc, "tracer", nudge=("client", signal.SIGINT) if early else None)
+        if early and ctx.capture is not None:
+            capture_entry = next(e for e in ctx.registry.entries if e.role == "capture")
+            capture_entry.nudge = ("server", signal.SIGTERM)
         ctx.save_manifest()
         ctx.attaching = (tctx, proc, time.monotonic())
     sampler = ctx.kit_script(
         "sampler", "sampler", "thread_sampler.py",
         "--run-id", ctx.run_id, "--out", ctx.remote("threads.jsonl"),
     )  # fmt: skip
-    proc = target.start(
-        sampler, name="sampler", stdout_path=ctx.remote("sampler.log"), sudo=tracer is not None
-    )
-    ctx.registry.process(proc, "sampler")
+    ctx.start(sampler, name="sampler", role="sampler", sudo=tracer is not None)
     if ctx.tracer_name == "system-probe":
         _start_sysprobe_fetch(ctx)
     ctx.lap("observers")
@@ -164,15 +173,6 @@ def _stop_capture(ctx: RunContext) -> None:
     assert ctx.capture is not None
     ctx.capture.stop()  # also when it never started: restores what it prepared
     ctx.note_capture_state()  # also when interrupted before it was ready
-
-
-def capture_ready(ctx: RunContext) -> None:
-    """Return once the reader holds trace_pipe."""
-    if ctx.capture is None:
-        return
-    ctx.capture.wait_ready()
-    ctx.note_capture_state()
-    ctx.lap("capture")
 
 
 def attached(ctx: RunContext) -> None:
@@ -200,11 +200,8 @@ def _start_sysprobe_fetch(ctx: RunContext) -> None:
 
     socket = ctx.sysprobe_socket or DEFAULT_SOCKET
     ctx.progress(f"system-probe: fetching its stats from {socket}")
-    proc = start_periodic(
-        ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id, socket=socket,
-        env=ctx.env("sysprobe-fetch", "sysprobe"),
-    )  # fmt: skip
     ctx.manifest["sysprobe"] = {"socket": socket, "client_ids": endpoint_urls(ctx.run_id)}
+    entry = ctx.registry.add(Started("sysprobe-fetch", "sysprobe"))
 
     def finish() -> None:
         """Stop the periodic fetch after its round, then take the final dumps."""
@@ -212,7 +209,12 @@ def _start_sysprobe_fetch(ctx: RunContext) -> None:
         final = fetch_final(ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id, socket=socket)
         ctx.manifest["sysprobe"]["warnings"] = final.warnings
 
-    ctx.registry.process(proc, "sysprobe", stop=finish)
+    with held_signals():
+        entry.proc = proc = start_periodic(
+            ctx.target, ctx.kit_dir, ctx.remote_dir, ctx.run_id, socket=socket,
+            env=ctx.env("sysprobe-fetch", "sysprobe"),
+        )  # fmt: skip
+        entry.stop = finish
 
 
 # -- workloads -------------------------------------------------------------------------------
@@ -234,9 +236,8 @@ def start_server(ctx: RunContext, name: str, port: int) -> BackgroundProcess:
         "--cert", ctx.kit("server.pem"), "--key", ctx.kit("server.key"),
         "--log", ctx.remote(f"{name}.jsonl"),
     )  # fmt: skip
-    server = target.start(argv, name=name, stdout_path=ctx.remote(f"{name}.log"))
-    ctx.registry.process(server, "server", port=port)
-    ctx.save_manifest()
+    server = ctx.start(argv, name=name, role="server", port=port)
+    _wait_listening(ctx, server)
     url = url_of(params.host, port)
     check = target.run(
         [*target.python(ctx.kit("client.py")), "--check", "-url", url,
@@ -251,6 +252,30 @@ def start_server(ctx: RunContext, name: str, port: int) -> BackgroundProcess:
         raise UsmlabError(f"{name} did not become ready: {reason}")
     ctx.progress(f"{name}: ready on {url} (pid {server.pid})")
     return server
+
+
+def _wait_listening(ctx: RunContext, server: BackgroundProcess) -> None:
+    """Return once this server says it listens (it prints its pid after binding the port), so
+    the readiness check that follows can only reach it: another process on the port (another
+    run's server) makes this one exit, and the run fail, instead of borrowing that server."""
+    said = f"(PID: {server.pid})"
+    deadline = time.monotonic() + READY_TIMEOUT
+    while True:
+        try:
+            log = ctx.target.read_text(server.stdout_path)
+        except UsmlabError:
+            log = ""  # not written yet
+        if said in log:
+            return
+        code = ctx.target.poll(server)
+        if code is not None:
+            lines = log.strip().splitlines()
+            reason = lines[-1] if lines else f"exit status {code}"
+            raise UsmlabError(f"{server.name} exited before listening: {reason}")
+        if time.monotonic() > deadline:
+            raise UsmlabError(f"{server.name} did not listen within {READY_TIMEOUT:.0f} s")
+        ctx.check_abort()
+        time.sleep(0.02)
 
 
 def start_clients(ctx: RunContext, duration: float | None = None, suffix: str = "") -> None:
@@ -278,10 +303,7 @@ def _start_client(
     for feature in ctx.features:
         flags = feature.client_flags(ctx, flags)
     argv = ctx.with_env(name, "client", [*program, *flags])
-    client = ctx.target.start(argv, name=name, stdout_path=ctx.remote(f"{name}.log"))
-    ctx.registry.process(client, "client")
-    ctx.save_manifest()
-    return client
+    return ctx.start(argv, name=name, role="client")
 
 
 def lead_time(ctx: RunContext) -> None:
@@ -297,7 +319,14 @@ def traffic(ctx: RunContext) -> None:
         ctx.progress("client: running until Ctrl-C (or use --duration)")
     started = last = time.monotonic()
     while True:
-        codes = ctx.target.poll_many(ctx.clients)
+        servers = ctx.registry.live("server")
+        states = ctx.target.poll_many([*ctx.clients, *servers])
+        codes, server_codes = states[: len(ctx.clients)], states[len(ctx.clients) :]
+        for server, code in zip(servers, server_codes, strict=True):
+            if code is not None:  # not stopped by usmlab: the run did not measure what it says
+                lines = ctx.target.read_text(server.stdout_path).strip().splitlines()
+                reason = lines[-1] if lines else "no output"
+                raise UsmlabError(f"{server.name} exited (status {code}) mid-traffic: {reason}")
         if all(code is not None for code in codes):
             break
         ctx.check_abort()

@@ -79,7 +79,9 @@ class TracePipeCapture:
                     with contextlib.suppress(UsmlabError):
                         self._reader_lines()
         finally:
-            if code != 0:  # also when it never started: restoring nothing is a no-op
+            # Also when it never started (restoring nothing is a no-op), and to unmount a
+            # tracefs the run mounted: the reader leaves that to now, after the tracer exited.
+            if code != 0 or self.state.get("mounted"):
                 tracefs = self.target.join(self.kit_dir, "tracefs.py")
                 self.target.run(
                     self.target.python(tracefs, "restore", "--state", self.state_file),

@@ -11,6 +11,8 @@ from typing import Any
 
 import jinja2
 
+from usmlab.manifest import run_tag
+
 TEMPLATE_DIR = Path(__file__).resolve().parent
 LINE_MAX = 160  # bytes of the first plaintext line kept; a lab request line is under 100
 # Printed by BEGIN with CLOCK_MONOTONIC in ns: BEGIN runs once every probe is attached.
@@ -29,4 +31,6 @@ _ENV = jinja2.Environment(
 
 def render_template(name: str, **values: Any) -> str:
     """One of this folder's `.bt.j2` templates, rendered (a missing value is an error)."""
+    if "run_id" in values:
+        values.setdefault("run_tag", run_tag(str(values["run_id"])))
     return _ENV.get_template(name).render(**values)
