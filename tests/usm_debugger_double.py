@@ -4,12 +4,12 @@
 It is NOT the real tracer and says so in every line it prints. It behaves like the real one
 where usmlab depends on it (docs/tracers.md, docs/trace_pipe.md): no flags, needs root, holds
 real BPF programs (a bpftrace child with uprobes on the libssl Python maps), prints USM's
-pathless debug messages (`http_process: type=%d method=%d`,
-`http event enqueued: cpu: %d batch_idx: %d len: %d`) to trace_pipe for every TLS write that
-starts like HTTP, in the writing process's thread, runs until SIGINT/SIGTERM (then exits 0), shows as `usm-debugger` in comm, and on an error prints it to
-stderr without a newline and exits 255. It writes USM-format lines into trace_marker when it
-starts and a last line when it stops, so a test can see that the trace was still read after the
-tracer stopped.
+pathless debug messages (`http_process: type=%d method=%d`, `http event enqueued: cpu: %d
+batch_idx: %d len: %d`) to trace_pipe for every TLS write that starts like HTTP, in the writing
+process's thread, runs until SIGINT/SIGTERM (then exits 0), shows as `usm-debugger` in comm, and
+on an error prints it to stderr without a newline and exits 255. It writes USM-format lines into
+trace_marker when it starts and a last line when it stops, so a test can see that the trace was
+still read after the tracer stopped.
 
 Set USMLAB_DOUBLE_FAIL="message" to make it fail at start like the real one does.
 """
