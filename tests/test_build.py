@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 from labrun import run_usmlab
 
+from usmlab.errors import EXIT_FAILED
+
 DDA_DOUBLE = """#!/bin/sh
 # dda TEST DOUBLE for usmlab's tests (not Datadog's dda)
 echo "dda double: $*"
@@ -78,7 +80,7 @@ def test_clean_removes_stale_ebpf_objects_first(sshd_server, agent, tmp_path):
 def test_a_failed_build_shows_the_compiler_error_and_exits_non_zero(sshd_server, agent, tmp_path):
     (agent / "FAIL").write_text("")
     done = run_usmlab(*build_args(sshd_server, agent, tmp_path, "--arch", "arm64"))
-    assert done.returncode == 1
+    assert done.returncode == EXIT_FAILED
     assert "undefined: cleaners" in done.stderr
     assert "build failed (exit 1)" in done.stderr
     assert "Traceback" not in done.stderr
@@ -90,7 +92,7 @@ def test_missing_checkout_and_bad_arch_are_one_line_errors(sshd_server, tmp_path
         "build", "--target", sshd_server.spec, "--identity", str(sshd_server.key_path),
         "--agent-dir", str(tmp_path / "nowhere"),
     )  # fmt: skip
-    assert done.returncode == 1
+    assert done.returncode == EXIT_FAILED
     assert "no datadog-agent checkout" in done.stderr
     bad = run_usmlab("build", "--arch", "sparc", "--target", "local")
     assert bad.returncode == 2

@@ -23,6 +23,8 @@ from labrun import (
     usmlab_argv,
 )
 
+from usmlab.errors import EXIT_FAILED
+
 
 def lab_args(tmp_path, *extra: str, port: int | None = None) -> list[str]:
     port = port or free_port()
@@ -107,7 +109,7 @@ def test_a_busy_port_names_its_holder(tmp_path):
         holder.listen()
         port = holder.getsockname()[1]
         done = run_usmlab("test", "scenario1", *lab_args(tmp_path, "--tracer", "none", port=port))
-    assert done.returncode == 1
+    assert done.returncode == EXIT_FAILED
     assert f"port {port} is in use by pid" in done.stderr
     assert "Traceback" not in done.stderr
     manifest = json.loads((only_run_dir(tmp_path / "runs") / "manifest.json").read_text())
@@ -230,7 +232,7 @@ def test_a_second_trace_pipe_reader_is_a_clear_error(tmp_path):
     finally:
         other.terminate()
         other.wait()
-    assert done.returncode == 1
+    assert done.returncode == EXIT_FAILED
     assert "trace_pipe is busy" in done.stderr
     assert len(done.stderr.strip().splitlines()[-2:]) <= 2
     assert "Traceback" not in done.stderr
@@ -317,12 +319,64 @@ def test_a_process_outside_the_lab_sending_lab_paths_is_named_as_foreign(tmp_pat
 
 
 def test_a_run_where_no_request_succeeds_is_failed_with_the_reason(tmp_path):
-    done = run_usmlab(
-        "test", "scenario1",
-        *lab_args(tmp_path, "--tracer", "none", "--count", "2", "--interval", "0",
-                  "--paths", "/no/such/endpoint"),
+    """The CLI refuses paths the server does not serve; the library, given them anyway (they
+    skip validation here), must still not call a run of 404s a measurement."""
+    import dataclasses
+
+    from usmlab.run.pipeline import LabRun
+    from usmlab.scenarios import get_scenario
+    from usmlab.targets.local import LocalTarget
+
+    scenario = get_scenario("scenario1")
+    params = dataclasses.replace(
+        scenario.params, count=2, interval=0.0, paths=("/no/such/endpoint",),
+        url=f"https://127.0.0.1:{free_port()}",
     )  # fmt: skip
-    assert done.returncode == 1
-    assert "none of the 2 requests succeeded: status 404" in done.stderr
+    result = LabRun(
+        LocalTarget(work_dir=tmp_path / "work"), scenario, params, runs_dir=tmp_path / "runs",
+        tracer="none", state_dir=tmp_path / "state",
+    ).execute()  # fmt: skip
+    assert result.exit_code == EXIT_FAILED
+    assert result.error == "none of the 2 requests succeeded: status 404"
     manifest = json.loads((only_run_dir(tmp_path / "runs") / "manifest.json").read_text())
     assert manifest["status"] == "failed"
+
+
+@pytest.mark.parametrize(
+    ("flags", "said"),
+    [
+        (["--paths", "/no/such/endpoint"], "does not serve /no/such/endpoint"),
+        (["--paths", "/a b"], "paths start with / and have no spaces"),
+        (["--paths", "/server1/identify"], "does not serve /server1/identify"),
+        (["--url", "https://127.0.0.2:8443"], "the lab certificate does not name 127.0.0.2"),
+        (["--concurrency", "100000"], "concurrency must be 1 to 1000"),
+        (["--duration", "1e9"], "duration must be above 0 and at most 7 days"),
+        (["--duration", "1000000000"], "duration must be above 0 and at most 7 days"),
+        (["--interval", "1m30x"], "malformed interval"),
+    ],
+)
+def test_bad_input_is_refused_before_anything_is_deployed(tmp_path, flags, said):
+    done = run_usmlab("test", "scenario1", *lab_args(tmp_path, "--tracer", "none", *flags))
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and said in lines[0], done.stderr
+    assert not (tmp_path / "runs").exists()  # nothing was started, nothing was written
+
+
+@pytest.mark.parametrize("kind", ["file", "read-only"])
+def test_a_runs_dir_that_cannot_hold_runs_is_a_usage_error(tmp_path, kind):
+    runs = tmp_path / "runs"
+    if kind == "file":
+        runs.write_text("not a folder")
+    else:
+        runs.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", "ro,size=1m", "tmpfs", str(runs)], check=True)
+    try:
+        done = run_usmlab("test", "scenario1", *lab_args(tmp_path, "--tracer", "none"))
+    finally:
+        if kind == "read-only":
+            subprocess.run(["umount", str(runs)], check=False)
+    assert done.returncode == 2, done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and str(runs) in lines[0], done.stderr
+    assert "internal error" not in done.stderr

@@ -91,11 +91,13 @@ def test_loopback_forms_are_allowed():
 
 
 def test_client_args_round_trip_the_parameters():
-    params = get_scenario("scenario2").with_overrides(duration=3.0, paths=parse_paths("/a, /b"))
+    params = get_scenario("scenario2").with_overrides(
+        duration=3.0, paths=parse_paths("/api/v1/namespaces, /api/v1/persistentvolumes")
+    )
     args = params.client_args(["https://127.0.0.1:8443", "https://127.0.0.1:9443"])
     assert args[args.index("-count") + 1] == "0"
     assert args[args.index("--duration") + 1] == "3.0"
-    assert args[args.index("--paths") + 1] == "/a,/b"
+    assert args[args.index("--paths") + 1] == "/api/v1/namespaces,/api/v1/persistentvolumes"
     assert args[args.index("-url") + 1] == "https://127.0.0.1:8443,https://127.0.0.1:9443"
 
 

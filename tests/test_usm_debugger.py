@@ -19,7 +19,7 @@ from labrun import (
     usmlab_argv,
 )
 
-from usmlab.errors import UsmlabError
+from usmlab.errors import EXIT_FAILED, UsmlabError
 from usmlab.kit import KIT_DIR, kit_files
 from usmlab.targets.local import LocalTarget
 from usmlab.tracers import TracerContext
@@ -80,7 +80,7 @@ def test_a_failing_tracer_fails_the_run_with_its_stderr_line(tmp_path: Path) -> 
         env={**os.environ, "USMLAB_DOUBLE_FAIL": message},
         capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
-    assert done.returncode == 1, done.stderr
+    assert done.returncode == EXIT_FAILED, done.stderr
     assert "Traceback" not in done.stderr
     lines = [ln for ln in done.stderr.splitlines() if message in ln]
     assert len(lines) == 1, done.stderr
@@ -100,7 +100,7 @@ def test_an_unusable_binary_is_named_in_one_line(tmp_path: Path, name: str, expe
     if name == "not-executable":
         binary.write_text("#!/bin/sh\n")
     done = run_usmlab("test", *lab_args(tmp_path, str(binary)))
-    assert done.returncode == 1
+    assert done.returncode == EXIT_FAILED
     assert "Traceback" not in done.stderr
     lines = [ln for ln in done.stderr.splitlines() if str(binary) in ln]
     assert lines and expected in lines[0], done.stderr

@@ -799,7 +799,7 @@ def test_paths_name_the_port_of_the_server_they_go_to() -> None:
         ("[::1]:9443", "/api"),
     ]
     (template,) = labkit.parse_paths("/server{port}/identify/{port}")
-    assert client_module.expand_path(template, 9443) == "/server9443/identify/9443"
+    assert labkit.expand_path(template, 9443) == "/server9443/identify/9443"
     assert labkit.parse_paths("/a,/b") == ("/a", "/b")
     for bad in ("/x{port}{host}", "/x}", "/{}", "/x{{port}}"):
         with pytest.raises(ValueError, match=r"token|brace"):

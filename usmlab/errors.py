@@ -4,11 +4,20 @@ Everything that should reach the terminal as one line (bad input, missing tools,
 raises a UsmlabError; the CLI prints its message and exits with its code, never a traceback.
 """
 
+# Exit statuses (README, "Exit status"): 1 is reserved for "misattribution found", so a run that
+# did not measure what it claims can never be mistaken for a finding.
+EXIT_CLEAN = 0
+EXIT_MISATTRIBUTION = 1
+EXIT_USAGE = 2
+EXIT_NO_CAPTURES = 3
+EXIT_FAILED = 4
+EXIT_INTERRUPTED = 130
+
 
 class UsmlabError(Exception):
     """A failure explained in one line, with the exit status the CLI should use."""
 
-    exit_code = 1
+    exit_code = EXIT_FAILED
 
     def __init__(self, message: str, exit_code: int | None = None) -> None:
         super().__init__(message)
@@ -19,7 +28,7 @@ class UsmlabError(Exception):
 class UsageError(UsmlabError):
     """The user asked for something malformed (exit 2, like argument errors)."""
 
-    exit_code = 2
+    exit_code = EXIT_USAGE
 
 
 class InputError(UsageError):
@@ -29,4 +38,4 @@ class InputError(UsageError):
 class RunInterrupted(UsmlabError):
     """Ctrl-C or SIGTERM arrived; the run is stopped and kept as `interrupted`."""
 
-    exit_code = 130
+    exit_code = EXIT_INTERRUPTED

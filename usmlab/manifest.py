@@ -13,10 +13,11 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from usmlab.errors import InputError
+from usmlab.errors import InputError, UsageError
 from usmlab.targets.base import sha256_file
 
 MANIFEST = "manifest.json"
@@ -79,6 +80,20 @@ def run_tag(run_id: str) -> str:
     """The short tag every line of a run's tracer carries (`run=`), so a capture can tell its
     own tracer's lines from another usmlab run's."""
     return hashlib.sha256(run_id.encode()).hexdigest()[:8]
+
+
+def check_runs_dir(runs_dir: Path) -> None:
+    """A folder that can receive run folders, checked before anything is deployed: a one-line
+    usage error for a file, or a folder that cannot be written (read-only, no permission)."""
+    if runs_dir.exists() and not runs_dir.is_dir():
+        raise UsageError(f"--runs-dir {runs_dir} is a file, not a folder")
+    try:
+        runs_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=runs_dir):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        raise UsageError(f"--runs-dir {runs_dir} cannot hold run folders: {reason}") from None
 
 
 def new_run_dir(runs_dir: Path, scenario: str, target_label: str) -> tuple[str, Path]:

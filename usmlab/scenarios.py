@@ -8,11 +8,13 @@ and the workloads share one set of rules. A scenario's behaviours are features (
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ipaddress
 from dataclasses import dataclass, field
 from urllib.parse import urlsplit
 
+from usmlab.certs import SERVER_IPS, SERVER_NAMES
 from usmlab.errors import UsageError
 from usmlab.kit import labkit
 
@@ -48,6 +50,33 @@ def check_url(url: str) -> tuple[str, int]:
     if not _is_loopback(host):
         raise UsageError(f"URL host {host!r} is not loopback (127.0.0.0/8, ::1, localhost)")
     return host, port or 443
+
+
+def check_certificate_covers(host: str) -> None:
+    """The lab certificate names only these hosts: a client would refuse any other."""
+    names = {*SERVER_NAMES, *(str(ipaddress.ip_address(ip)) for ip in SERVER_IPS)}
+    with contextlib.suppress(ValueError):  # a name, not an address
+        host = str(ipaddress.ip_address(host))
+    if host not in names:
+        raise UsageError(
+            f"the lab certificate does not name {host}: use one of {', '.join(sorted(names))}"
+        )
+
+
+def check_served(paths: tuple[str, ...], ports: tuple[int, ...]) -> None:
+    """Every request the client will send is one the lab server answers (200): a path the
+    server does not serve would make a run of 404s, judged as if it were traffic."""
+    from usmlab.kit.server import route
+
+    for template in paths:
+        for port in ports:
+            path = labkit.expand_path(template, port)
+            if route(path, port, 0, "check")[0] != 200:
+                served = "/api/v1/persistentvolumes[/NAME], /api/v1/namespaces[/NS/configmaps|pods]"
+                raise UsageError(
+                    f"the lab server on port {port} does not serve {path}: use {served} or "
+                    "/server{port}/identify"
+                )
 
 
 def _is_loopback(host: str) -> bool:
@@ -93,21 +122,23 @@ class Params:
     ephemeral_server: bool = False  # servers listen inside the ephemeral port range
 
     def validate(self) -> Params:
-        check_url(self.url)
-        if self.count < 0:
-            raise UsageError(f"count must be 0 (until stopped) or more, got {self.count}")
-        if self.interval < 0:
-            raise UsageError(f"interval must not be negative, got {self.interval}")
-        if self.duration is not None and self.duration <= 0:
-            raise UsageError(f"duration must be positive, got {self.duration}")
-        if self.concurrency < 1:
-            raise UsageError(f"concurrency must be at least 1, got {self.concurrency}")
-        if self.connection not in ("new", "reuse"):
-            raise UsageError(f"connection must be 'new' or 'reuse', got {self.connection!r}")
+        """Every rule in one place, before anything is deployed; a UsageError names the first
+        one broken. Counts, durations and paths follow the workloads' own rules (labkit)."""
+        host, _ = check_url(self.url)
+        if self.nat_vip is None:
+            check_certificate_covers(host)
         try:
+            labkit.check_count(self.count)
+            labkit.check_concurrency(self.concurrency)
+            if self.interval:
+                labkit.check_duration(self.interval, "interval")
+            if self.duration is not None:
+                labkit.check_duration(self.duration)
             labkit.check_paths(tuple(self.paths))
         except ValueError as exc:
             raise UsageError(str(exc)) from None
+        if self.connection not in ("new", "reuse"):
+            raise UsageError(f"connection must be 'new' or 'reuse', got {self.connection!r}")
         if self.client not in CLIENT_KINDS:
             raise UsageError(f"client must be python or go, got {self.client!r}")
         if any(not 0 < p < 65536 for p in self.servers) or len(set(self.servers)) != len(
@@ -131,6 +162,8 @@ class Params:
             raise UsageError("restart-after and preexisting must not be negative")
         if self.nat_vip is not None:
             check_url(f"https://{self.nat_vip}")
+        if self.clients == 1:  # several clients get paths of their own (run/features.py)
+            check_served(self.paths, self.ports)
         return self
 
     @property

@@ -16,7 +16,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from usmlab.errors import UsmlabError
+from usmlab.errors import EXIT_FAILED, UsmlabError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -45,7 +45,7 @@ def friendly(func: F) -> F:
             if os.environ.get("USMLAB_DEBUG"):
                 raise
             say(f"usmlab: internal error: {type(exc).__name__}: {exc} (USMLAB_DEBUG=1 shows more)")
-            raise typer.Exit(1) from None
+            raise typer.Exit(EXIT_FAILED) from None
 
     return wrapper  # type: ignore[return-value]
 

@@ -91,6 +91,7 @@ def test_cmd(
     ] = None,
 ) -> None:
     """Run a scenario on a target, collect every artifact and print the verdict."""
+    from usmlab.manifest import check_runs_dir
     from usmlab.run.fleet import read_hosts_file
     from usmlab.scenarios import get_scenario, parse_duration, parse_paths, parse_ports
     from usmlab.targets import check_target_spec
@@ -128,6 +129,7 @@ def test_cmd(
         check_target_spec(spec)
     if identity is not None and not identity.is_file():
         raise UsageError(f"identity file {identity} not found")
+    check_runs_dir(runs_dir)
     options = {
         "runs_dir": runs_dir,
         "tracer": tracer,

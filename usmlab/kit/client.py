@@ -98,11 +98,6 @@ def parse_urls(text: str) -> Tuple[Target, ...]:
     return tuple(parse_url(u) for u in urls)
 
 
-def expand_path(template: str, port: int) -> str:
-    """The path as sent: ``{port}`` replaced by the port of the server it goes to."""
-    return template.replace(labkit.PORT_TOKEN, str(port))
-
-
 class ClientConfig:
     """Validated settings of one client run."""
 
@@ -184,14 +179,16 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ClientConfig:
         raise UsageError(str(exc)) from None
     count = _parse_int("count", args.count)
     concurrency = _parse_int("concurrency", args.concurrency)
-    if count < 0:
-        raise UsageError("count must be >= 0 (0 = until stopped), got {}".format(count))
-    if concurrency < 1:
-        raise UsageError("concurrency must be >= 1, got {}".format(concurrency))
-    if timeout <= 0:
-        raise UsageError("timeout must be > 0")
-    if duration is not None and duration <= 0:
-        raise UsageError("duration must be > 0")
+    try:  # the same bounds as the CLI's (labkit)
+        labkit.check_count(count)
+        labkit.check_concurrency(concurrency)
+        labkit.check_duration(timeout, "timeout")
+        if duration is not None:
+            labkit.check_duration(duration)
+        if interval:
+            labkit.check_duration(interval, "interval")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return ClientConfig(
         targets=targets,
         count=count,
@@ -497,7 +494,7 @@ class LabClient:
         server = seq % len(self.config.targets)
         target = self.config.targets[server]
         template = self.config.paths[seq % len(self.config.paths)]
-        path = target.base_path + expand_path(template, target.port)
+        path = target.base_path + labkit.expand_path(template, target.port)
         record: Record = {
             "seq": seq,
             "pid": self.pid,

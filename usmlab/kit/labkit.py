@@ -92,9 +92,40 @@ def parse_duration(text: str) -> float:
     return total
 
 
+# Bounds, the same for the CLI and the workloads: a worker is a thread (and a TLS connection at
+# a time), and a run is supervised by a person or a CI job.
+MAX_CONCURRENCY = 1000
+MAX_DURATION_S = 7 * 24 * 3600.0
+MAX_COUNT = 100_000_000
+
+
+def check_concurrency(value: int) -> int:
+    if not 1 <= value <= MAX_CONCURRENCY:
+        raise ValueError("concurrency must be 1 to {}, got {}".format(MAX_CONCURRENCY, value))
+    return value
+
+
+def check_duration(seconds: float, what: str = "duration") -> float:
+    """A positive duration of at most a week (also an interval, a delay)."""
+    if not 0 < seconds <= MAX_DURATION_S:
+        raise ValueError("{} must be above 0 and at most 7 days, got {:g} s".format(what, seconds))
+    return seconds
+
+
+def check_count(value: int) -> int:
+    if not 0 <= value <= MAX_COUNT:
+        raise ValueError("count must be 0 (until stopped) to {}, got {}".format(MAX_COUNT, value))
+    return value
+
+
 # The one token a path may contain: replaced by the port of the server the request goes to.
 PORT_TOKEN = "{port}"
 _BRACED = re.compile(r"\{[^{}]*\}")
+
+
+def expand_path(template: str, port: int) -> str:
+    """The path as sent: ``{port}`` replaced by the port of the server it goes to."""
+    return template.replace(PORT_TOKEN, str(port))
 
 
 def parse_paths(text: str) -> Tuple[str, ...]:

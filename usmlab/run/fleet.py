@@ -16,17 +16,30 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from usmlab.errors import UsageError, UsmlabError
+from usmlab.errors import (
+    EXIT_CLEAN,
+    EXIT_FAILED,
+    EXIT_INTERRUPTED,
+    EXIT_MISATTRIBUTION,
+    EXIT_NO_CAPTURES,
+    EXIT_USAGE,
+    UsageError,
+    UsmlabError,
+)
 from usmlab.run.pipeline import LabRun, RunResult
 from usmlab.scenarios import Params, Scenario
 from usmlab.targets import open_target
 
-# Worst first: an interrupted fleet, then misattribution, then no captures, then clean.
-_SEVERITY = {130: 4, 1: 3, 3: 2, 0: 0}
+# Worst first: an interrupted fleet, a host whose run failed (its verdict is unknown), a usage
+# error, then misattribution, then no captures, then clean.
+_SEVERITY = {
+    EXIT_INTERRUPTED: 6, EXIT_FAILED: 5, EXIT_USAGE: 4, EXIT_MISATTRIBUTION: 3,
+    EXIT_NO_CAPTURES: 2, EXIT_CLEAN: 0,
+}  # fmt: skip
 
 
 def worst_exit(codes: list[int]) -> int:
-    return max(codes, key=lambda code: _SEVERITY.get(code, 1), default=0)
+    return max(codes, key=lambda code: _SEVERITY.get(code, 5), default=0)
 
 
 def read_hosts_file(path: Path) -> list[str]:
@@ -50,7 +63,7 @@ class HostResult:
 
     @property
     def exit_code(self) -> int:
-        return self.result.exit_code if self.result else 1
+        return self.result.exit_code if self.result else EXIT_FAILED
 
 
 def params_for(params: Params, index: int) -> Params:

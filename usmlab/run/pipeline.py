@@ -20,7 +20,7 @@ from typing import Any
 
 from usmlab import __version__
 from usmlab.analysis.report import Report, analyze_run, exit_status, write_report
-from usmlab.errors import RunInterrupted, UsmlabError
+from usmlab.errors import EXIT_FAILED, RunInterrupted, UsmlabError
 from usmlab.jsonlines import read_jsonl
 from usmlab.kit.client import summarize
 from usmlab.manifest import Manifest, new_run_dir, now_iso
@@ -251,11 +251,11 @@ class LabRun:
                 error = error or f"analysis failed: {type(exc).__name__}: {exc}"
                 ctx.manifest["analysis_error"] = error
                 ctx.manifest.save()
-                code = 1
+                code = EXIT_FAILED
         if status == "interrupted":
             code = RunInterrupted.exit_code
         elif status == "failed":
-            code = 1
+            code = EXIT_FAILED
         return RunResult(ctx.run_dir, status, code, ctx.manifest, report, error)
 
 
