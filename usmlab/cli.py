@@ -53,8 +53,5 @@ def root(
 
 
 def main() -> None:
+    """The CLI without the early signal handling of usmlab/__main__.py (for embedding)."""
     app()
-
-
-if __name__ == "__main__":
-    main()

@@ -12,6 +12,7 @@ import datetime as dt
 import hashlib
 import json
 import os
+import platform
 import re
 import tempfile
 from pathlib import Path
@@ -71,6 +72,22 @@ class Manifest(dict[str, Any]):
     def client_logs(self) -> list[Path]:
         return self.logs("client")
 
+    def abandoned(self) -> bool:
+        """Whether the run never ended: still `starting`, and the usmlab that ran it (on this
+        machine) is gone, e.g. killed with SIGKILL. A run on another controller is not judged."""
+        controller = self.get("controller") or {}
+        if self.get("status") != "starting" or controller.get("host") != platform.node():
+            return False
+        pid, start = controller.get("pid"), controller.get("start")
+        return not (isinstance(pid, int) and process_start(pid) == start)
+
+    def mark_abandoned(self) -> None:
+        self.update(
+            status="abandoned",
+            error="usmlab stopped before the run ended (killed?); its processes were ended",
+        )
+        self.save()
+
     def inventory(self) -> None:
         """Record sha256 and size of every file of the run folder."""
         self["files"] = file_inventory(self.run_dir)
@@ -80,6 +97,29 @@ def run_tag(run_id: str) -> str:
     """The short tag every line of a run's tracer carries (`run=`), so a capture can tell its
     own tracer's lines from another usmlab run's."""
     return hashlib.sha256(run_id.encode()).hexdigest()[:8]
+
+
+def process_start(pid: int) -> str | None:
+    """A process's start time (clock ticks since boot), or None when there is no such process:
+    with the pid, it names one process for good (pids are reused)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat[stat.rindex(")") + 2 :].split()[19]
+
+
+def abandoned_runs(runs_dir: Path) -> list[Manifest]:
+    """Run folders under runs_dir whose usmlab died mid-run (see Manifest.abandoned)."""
+    found = []
+    for path in sorted(runs_dir.glob(f"*/{MANIFEST}")):
+        try:
+            manifest = Manifest.read(path.parent)
+        except InputError:
+            continue
+        if manifest.abandoned():
+            found.append(manifest)
+    return found
 
 
 def check_runs_dir(runs_dir: Path) -> None:

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
@@ -31,6 +33,10 @@ def friendly(func: F) -> F:
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
+        # Inside the command Ctrl-C is a KeyboardInterrupt the command may handle (a run stops
+        # its processes); around it, whatever the entry point installed (usmlab/__main__.py).
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
         try:
             return func(*args, **kwargs)
         except UsmlabError as exc:
@@ -46,6 +52,9 @@ def friendly(func: F) -> F:
                 raise
             say(f"usmlab: internal error: {type(exc).__name__}: {exc} (USMLAB_DEBUG=1 shows more)")
             raise typer.Exit(EXIT_FAILED) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGINT, previous)
 
     return wrapper  # type: ignore[return-value]
 

@@ -43,6 +43,10 @@ def analyze_cmd(
     if run_dir is not None:
         if pid or threads or client_log:
             raise UsageError("--pid, --threads and --client-log go with --trace, not RUN_DIR")
+        if run_dir.exists() and not run_dir.is_dir():
+            raise UsageError(
+                f"{run_dir} is a file, not a run folder (a capture? --trace {run_dir})"
+            )
         if not (run_dir / "manifest.json").is_file():
             raise UsageError(f"{run_dir} is not a run folder (no manifest.json)")
         report = analyze_run(run_dir)
@@ -50,8 +54,15 @@ def analyze_cmd(
     else:
         assert trace is not None
         for given in (trace, threads, client_log):
-            if given is not None and not given.is_file():
-                raise UsageError(f"no such file: {given}")
+            if given is None or given.is_file():
+                continue
+            if given.is_dir():
+                raise UsageError(
+                    f"{given} is a folder, not a file (a run folder? usmlab analyze {given})"
+                )
+            if given.exists():
+                raise UsageError(f"{given} is not a regular file (a device or a pipe)")
+            raise UsageError(f"no such file: {given}")
         roles = parse_role_pairs(pid or [])
         report = analyze_capture(trace, roles, threads, client_log)
         destination = out or trace.parent

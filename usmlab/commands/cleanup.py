@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
 from usmlab.commands import IdentityOption, TargetOption, WorkDirOption, friendly
 
 
@@ -10,8 +15,12 @@ def cleanup_cmd(
     target: TargetOption = "local",
     identity: IdentityOption = None,
     work_dir: WorkDirOption = None,
+    runs_dir: Annotated[
+        Path, typer.Option(help="Run folders whose usmlab died mid-run are marked abandoned.")
+    ] = Path("runs"),
 ) -> None:
     """End processes that crashed runs left on a target (never anything else)."""
+    from usmlab.manifest import abandoned_runs
     from usmlab.run.cleanup import clean_target
     from usmlab.targets import open_target
 
@@ -28,5 +37,9 @@ def cleanup_cmd(
             print(f"restored tracefs settings left by run {entry['run_id']}")
         if entry.get("nat") == "removed":
             print(f"removed the NAT rule left by run {entry['run_id']}")
-    if not ended:
+    marked = abandoned_runs(runs_dir) if runs_dir.is_dir() else []
+    for manifest in marked:
+        manifest.mark_abandoned()
+        print(f"marked {manifest.run_dir} abandoned (its usmlab stopped before the run ended)")
+    if not ended and not marked:
         print("nothing to clean up")

@@ -21,6 +21,7 @@ import contextlib
 import http.client
 import math
 import os
+import random
 import signal
 import socket
 import ssl
@@ -268,7 +269,98 @@ def is_ok(record: Record) -> bool:
     return record.get("error") is None and isinstance(status, int) and 200 <= status < 400
 
 
-def summarize(records: Sequence[Record], remotes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+class Sample:
+    """Values for exact percentiles while there are at most `cap`; then a uniform random
+    sample of `cap` of them (reservoir sampling), so a day-long run keeps flat memory. The
+    maximum stays exact."""
+
+    def __init__(self, cap: int = 100_000) -> None:
+        self.cap = cap
+        self.values: List[float] = []
+        self.seen = 0
+        self.max: Optional[float] = None
+        self._rng = random.Random(0)
+
+    def add(self, value: float) -> None:
+        self.seen += 1
+        if self.max is None or value > self.max:
+            self.max = value
+        if len(self.values) < self.cap:
+            self.values.append(value)
+        else:
+            slot = self._rng.randrange(self.seen)
+            if slot < self.cap:
+                self.values[slot] = value
+
+    def spread_ms(self) -> Dict[str, Optional[float]]:
+        spread = _spread_ms(self.values)
+        spread["max"] = None if self.max is None else round(self.max * 1000.0, 3)
+        return spread
+
+
+class RunningSummary:
+    """The client's summary, kept up to date one record at a time in bounded memory: what
+    ``summarize`` returns, without holding the records (a client may run for days)."""
+
+    def __init__(self, remotes: Optional[Sequence[str]] = None, count_connections: bool = True):
+        self.sent = self.ok = 0
+        self.latency, self.jitter = Sample(), Sample()
+        self.first_start: Optional[float] = None
+        self.last_end: Optional[float] = None
+        # Distinct connection ids; a client that counts its own connections passes that count
+        # to result() instead (one id per request with new connections: unbounded).
+        self.connections: Optional[set] = set() if count_connections else None
+        self.per_remote: Dict[str, Dict[str, int]] = {}
+        for remote in remotes or ():
+            self.per_remote.setdefault(remote, {"sent": 0, "ok": 0, "failed": 0})
+
+    def add(self, record: Record) -> None:
+        good = is_ok(record)
+        self.sent += 1
+        self.ok += good
+        start, end, due = (
+            record.get("start_mono"),
+            record.get("end_mono"),
+            record.get("scheduled_mono"),
+        )
+        if start is not None:
+            self.first_start = start if self.first_start is None else min(self.first_start, start)
+            if due is not None:
+                self.jitter.add(start - due)
+        if end is not None:
+            self.last_end = end if self.last_end is None else max(self.last_end, end)
+            if good and start is not None:
+                self.latency.add(end - start)
+        if self.connections is not None and record.get("conn_id") is not None:
+            self.connections.add(record["conn_id"])
+        count = self.per_remote.setdefault(
+            str(record.get("remote")), {"sent": 0, "ok": 0, "failed": 0}
+        )
+        count["sent"] += 1
+        count["ok" if good else "failed"] += 1
+
+    def result(self, connections: Optional[int] = None) -> Dict[str, Any]:
+        duration = 0.0
+        if self.first_start is not None and self.last_end is not None:
+            duration = self.last_end - self.first_start
+        if connections is None:
+            connections = len(self.connections or ())
+        stats: Dict[str, Any] = {
+            "sent": self.sent,
+            "ok": self.ok,
+            "failed": self.sent - self.ok,
+            "connections": connections,
+            "duration_s": round(duration, 6),
+            "requests_per_second": round(self.sent / duration, 3) if duration > 0 else None,
+            "latency_ms": self.latency.spread_ms(),
+            "jitter_ms": self.jitter.spread_ms(),
+        }
+        if len(self.per_remote) > 1:
+            stats["per_remote"] = self.per_remote
+        return stats
+
+
+def summarize(records: Iterable[Record], remotes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Counts, throughput, latency (successful requests) and start jitter (all requests).
 
     Start jitter is ``start_mono - scheduled_mono``: how late each request left compared with
@@ -278,48 +370,10 @@ def summarize(records: Sequence[Record], remotes: Optional[Sequence[str]] = None
     got its share; it is there when ``remotes`` (the client's servers, in url order, listed even
     if nothing reached them) has more than one, or else when the records name more than one.
     """
-    ok = [r for r in records if is_ok(r)]
-    latencies = [
-        r["end_mono"] - r["start_mono"]
-        for r in ok
-        if r.get("end_mono") is not None and r.get("start_mono") is not None
-    ]
-    jitters = [
-        r["start_mono"] - r["scheduled_mono"]
-        for r in records
-        if r.get("start_mono") is not None and r.get("scheduled_mono") is not None
-    ]
-    starts = [r["start_mono"] for r in records if r.get("start_mono") is not None]
-    ends = [r["end_mono"] for r in records if r.get("end_mono") is not None]
-    duration = (max(ends) - min(starts)) if starts and ends else 0.0
-    connections = {r.get("conn_id") for r in records if r.get("conn_id") is not None}
-    stats: Dict[str, Any] = {
-        "sent": len(records),
-        "ok": len(ok),
-        "failed": len(records) - len(ok),
-        "connections": len(connections),
-        "duration_s": round(duration, 6),
-        "requests_per_second": round(len(records) / duration, 3) if duration > 0 else None,
-        "latency_ms": _spread_ms(latencies),
-        "jitter_ms": _spread_ms(jitters),
-    }
-    per_remote = _count_per_remote(records, remotes)
-    if len(per_remote) > 1:
-        stats["per_remote"] = per_remote
-    return stats
-
-
-def _count_per_remote(
-    records: Sequence[Record], remotes: Optional[Sequence[str]]
-) -> Dict[str, Dict[str, int]]:
-    counts: Dict[str, Dict[str, int]] = {}
-    for remote in remotes or ():
-        counts.setdefault(remote, {"sent": 0, "ok": 0, "failed": 0})
+    summary = RunningSummary(remotes)
     for record in records:
-        count = counts.setdefault(str(record.get("remote")), {"sent": 0, "ok": 0, "failed": 0})
-        count["sent"] += 1
-        count["ok" if is_ok(record) else "failed"] += 1
-    return counts
+        summary.add(record)
+    return summary.result()
 
 
 def format_summary(stats: Dict[str, Any]) -> List[str]:
@@ -423,7 +477,8 @@ class LabClient:
         self.stop_event = threading.Event()
         self.stop_signal: Optional[str] = None
         self._no_grace = False
-        self.records: List[Record] = []
+        # Counts, not records: memory stays flat however long the client runs.
+        self.summary = RunningSummary([t.remote for t in config.targets], count_connections=False)
         self._in_flight: Dict[int, Record] = {}
         self._lock = threading.Lock()
         self._connections = 0
@@ -563,6 +618,10 @@ class LabClient:
         record["conn_id"] = connection.conn_id
         record["local_addr"], record["local_port"] = local[0], local[1]
 
+    @property
+    def connections_opened(self) -> int:
+        return self._connections
+
     def _connect(self, target: Target, record: Record) -> Connection:
         """TCP connect (recording the local port first, so a failed handshake still has it)."""
         raw = socket.create_connection((target.host, target.port), timeout=self.config.timeout)
@@ -603,7 +662,7 @@ class LabClient:
         with self._lock:
             if self._in_flight.pop(record["seq"], None) is None:
                 return  # abandoned at stop: already recorded as interrupted
-            self.records.append(record)
+            self.summary.add(record)
             self.log.write(record)
         self._print_request(record)
 
@@ -617,7 +676,7 @@ class LabClient:
                 record["status"] = None
                 record["end_mono"] = time.monotonic()
                 record["end_wall"] = time.time()
-                self.records.append(record)
+                self.summary.add(record)
                 self.log.write(record)
         for record in abandoned:
             self._print_request(record)
@@ -735,7 +794,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         log.close()
     if client.stop_signal is not None:
         client.say("Stopped by {}".format(client.stop_signal))
-    stats = summarize(client.records, [t.remote for t in config.targets])
+    stats = client.summary.result(connections=client.connections_opened)
     for line in format_summary(stats):
         client.say(line)
     return EXIT_OK if stats["failed"] == 0 else EXIT_FAILED

@@ -47,6 +47,9 @@ def collect_run(
         with contextlib.suppress(Exception):
             target.close()
     manifest["collected"] = now_iso()
+    manifest.pop("collect_error", None)  # every file is here now, verified
+    if manifest.abandoned():
+        manifest.mark_abandoned()
     report = None
     if manifest.client_logs:  # every client: client.jsonl, client-1.jsonl, client-r1.jsonl, ...
         report = analyze_run(run_dir)

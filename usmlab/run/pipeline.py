@@ -10,6 +10,7 @@ manifest saying whether the run was complete, interrupted or failed. See docs/ar
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 import threading
 import time
@@ -21,9 +22,9 @@ from typing import Any
 from usmlab import __version__
 from usmlab.analysis.report import Report, analyze_run, exit_status, write_report
 from usmlab.errors import EXIT_FAILED, RunInterrupted, UsmlabError
-from usmlab.jsonlines import read_jsonl
-from usmlab.kit.client import summarize
-from usmlab.manifest import Manifest, new_run_dir, now_iso
+from usmlab.jsonlines import iter_jsonl
+from usmlab.kit.client import RunningSummary
+from usmlab.manifest import Manifest, new_run_dir, now_iso, process_start
 from usmlab.run import stages
 from usmlab.run.cleanup import clean_target
 from usmlab.run.context import Progress, RunContext
@@ -85,16 +86,20 @@ class RunResult:
     error: str | None = None
 
 
-def client_failure(records: list[dict[str, Any]]) -> str | None:
-    """Why a run's clients got no successful answer at all, or None if some request succeeded."""
-    for record in records:
-        if record.get("error") is None and 200 <= (record.get("status") or 0) < 400:
-            return None
-    if not records:
-        return None
-    first = records[0]
+def read_clients(logs: list[Path]) -> tuple[dict[str, Any], str | None]:
+    """Every client's log read once, as a stream (a day-long run's logs need not fit in
+    memory): the client summary, and why no request succeeded (None when one did)."""
+    summary = RunningSummary()
+    first: dict[str, Any] | None = None
+    for path in logs:
+        with contextlib.suppress(UsmlabError):  # the analysis names a corrupt log
+            for _, record in iter_jsonl(path):
+                summary.add(record)
+                first = first or record
+    if summary.ok or first is None:
+        return summary.result(), None
     reason = first.get("error") or f"status {first.get('status')}"
-    return f"none of the {len(records)} requests succeeded: {reason}"
+    return summary.result(), f"none of the {summary.sent} requests succeeded: {reason}"
 
 
 class LabRun:
@@ -187,7 +192,12 @@ class LabRun:
                 "label": ctx.target.label,
                 "identity": str(ctx.target.identity) if ctx.target.identity else None,
             },
-            "controller": {"host": platform.node(), "python": platform.python_version()},
+            "controller": {
+                "host": platform.node(),
+                "python": platform.python_version(),
+                "pid": os.getpid(),
+                "start": process_start(os.getpid()),
+            },
             "status": "starting",
             "started": now_iso(),
             "ended": None,
@@ -228,17 +238,20 @@ class LabRun:
         """The client summary, the all-failed check and the verdict, into the manifest."""
         ctx = self.ctx
         client_logs = ctx.manifest.client_logs
-        records = client_records(client_logs)
-        ctx.manifest["client_summary"] = summarize(records)
-        if status == "complete":
-            failure = client_failure(records)
-            if failure:
-                status, error = "failed", failure
-                ctx.manifest.update(status=status, error=error)
+        ctx.manifest["client_summary"], failure = read_clients(client_logs)
+        if status == "complete" and failure:
+            status, error = "failed", failure
+            ctx.manifest.update(status=status, error=error)
         ctx.manifest.save()
         report = None
         code = 0
-        if status != "failed" or client_logs:
+        sent = ctx.manifest["client_summary"]["sent"]
+        if status == "interrupted" and not sent:
+            # Nothing was sent: a verdict (no-captures, with tracer hints) would judge nothing.
+            error = "interrupted before any request was sent: nothing to judge"
+            ctx.manifest["error"] = error
+            ctx.manifest.save()
+        elif status != "failed" or client_logs:
             try:
                 report = analyze_run(ctx.run_dir)
                 write_report(report, ctx.run_dir)
@@ -257,12 +270,3 @@ class LabRun:
         elif status == "failed":
             code = EXIT_FAILED
         return RunResult(ctx.run_dir, status, code, ctx.manifest, report, error)
-
-
-def client_records(logs: list[Path]) -> list[dict[str, Any]]:
-    """Every client's records, read once: the summary and the all-failed check share them."""
-    records: list[dict[str, Any]] = []
-    for path in logs:
-        with contextlib.suppress(UsmlabError):
-            records.extend(read_jsonl(path))
-    return records
