@@ -34,7 +34,7 @@ from usmlab.kit.client import Sample
 from usmlab.run import stages
 from usmlab.run.pipeline import PREPARE, STAGES, START_ORDERS, TEARDOWN_NOTICE, LabRun, RunResult
 from usmlab.scenarios import get_scenario
-from usmlab.targets.base import BackgroundProcess
+from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.targets.local import LocalTarget
 
 KIT = Path(__file__).resolve().parents[1] / "usmlab" / "kit"
@@ -49,7 +49,7 @@ def tracefs_state() -> tuple[bool, str | None, str | None]:
     return True, clock, (TRACEFS / "buffer_size_kb").read_text().strip()
 
 
-def lab_run(tmp_path: Path, target: LocalTarget, tracer: str = "builtin", **kw) -> LabRun:
+def lab_run(tmp_path: Path, target: Target, tracer: str = "builtin", **kw) -> LabRun:
     scenario = get_scenario(kw.pop("scenario", "scenario1"))
     params = dataclasses.replace(
         scenario.params, url=f"https://127.0.0.1:{free_port()}", count=kw.pop("count", 3),
@@ -93,6 +93,32 @@ def test_a_signal_as_a_process_starts_leaves_nothing_running(tmp_path, name, sig
     assert result.status == "interrupted"
     recorded = {p["name"] for p in result.manifest["processes"]}
     assert name in recorded  # the process that started as the signal came was recorded
+    assert_left_nothing(result, before)
+
+
+@needs_tracer
+@pytest.mark.parametrize("name", ["capture", "tracer", "server", "client"])
+def test_over_ssh_a_signal_as_a_process_starts_leaves_nothing_running(
+    sshd_server, tmp_path, name
+) -> None:
+    from usmlab.targets.ssh import SshTarget
+
+    class SshSignalAtStart(SshTarget):
+        def start(self, argv, *, name: str, **kw) -> BackgroundProcess:  # type: ignore[override]
+            proc = super().start(argv, name=name, **kw)
+            if name == wanted:
+                os.kill(os.getpid(), signal.SIGTERM)
+            return proc
+
+    wanted = name
+    before = tracefs_state()
+    target = SshSignalAtStart(sshd_server.spec, sshd_server.key_path, str(tmp_path / "remote"))
+    try:
+        result = lab_run(tmp_path, target).execute()
+    finally:
+        target.close()
+    assert result.status == "interrupted"
+    assert name in {p["name"] for p in result.manifest["processes"]}
     assert_left_nothing(result, before)
 
 

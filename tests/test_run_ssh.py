@@ -181,9 +181,13 @@ def test_collect_of_a_multi_client_run_gives_the_same_report_as_the_run(sshd_ser
     assert not (run_dir / "client.jsonl").exists()
     (run_dir / "report.json").unlink()
     (run_dir / "client-2.jsonl").unlink()
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest["collect_error"] = "connection lost"  # as a cut collection leaves it
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
     done = run_usmlab("collect", str(run_dir), "--identity", str(sshd_server.key_path))
     assert done.returncode == 0, done.stderr
     assert sha256_file(run_dir / "client-2.jsonl")  # fetched again
     report = json.loads((run_dir / "report.json").read_text())
     assert report["requests"]["sent"] == sent
     assert f"requests sent    {sent}" in done.stdout
+    assert "collect_error" not in json.loads((run_dir / "manifest.json").read_text())
