@@ -56,15 +56,18 @@ class Manifest(dict[str, Any]):
         tmp.write_text(json.dumps(self, indent=2, sort_keys=False) + "\n")
         os.replace(tmp, self.run_dir / MANIFEST)
 
-    def logs(self, role: str) -> list[Path]:
-        """The JSON-lines logs of every process of a role: `<name>.jsonl` for each process the
-        manifest lists (respawned and extra processes included), else `<role>*.jsonl`."""
-        names = [
-            p.get("name")
+    def names(self, role: str) -> list[str]:
+        """Names of the processes of a role, in start order."""
+        return [
+            p["name"]
             for p in self.get("processes") or []
             if isinstance(p, dict) and p.get("role") == role and isinstance(p.get("name"), str)
         ]
-        found = [self.run_dir / f"{n}.jsonl" for n in dict.fromkeys(names)]
+
+    def logs(self, role: str) -> list[Path]:
+        """The JSON-lines logs of every process of a role: `<name>.jsonl` for each process the
+        manifest lists (respawned and extra processes included), else `<role>*.jsonl`."""
+        found = [self.run_dir / f"{n}.jsonl" for n in dict.fromkeys(self.names(role))]
         found = [p for p in found if p.is_file()]
         return found or sorted(self.run_dir.glob(f"{role}*.jsonl"))
 

@@ -63,6 +63,7 @@ class Report:
     lab_traffic_unmatched: int = 0
     server_records_unmatched: int = 0
     other_tracer_lines: int = 0
+    model: dict[str, Any] | None = None  # --tracer usm-model: the model's caches, judged
     schema_version: int = SCHEMA_VERSION
     system_probe: dict[str, Any] | None = None  # --tracer system-probe: its stats, judged
 
@@ -203,6 +204,19 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
             verdict.outcome = "capture-works"
     if not trace.exists() and tracer != "none":
         verdict.hints.insert(0, "no trace_pipe.log in the run folder: the capture did not run")
+    model = None
+    if isinstance(tracer, str) and tracer.startswith("usm-model"):
+        from usmlab.analysis.model import model_section
+
+        model = model_section(run_dir, manifest)
+        if model is not None:
+            stale = model["requests"]["stale_tuple"]["count"]
+            if stale and verdict.outcome != "no-captures":
+                # The model's stale tuples are misattributions as USM would record them.
+                verdict.outcome = "misattribution"
+                verdict.requests["misattributed_model"] = stale
+            if not model["agree"]:
+                verdict.hints.insert(0, f"model and prediction disagree: {model['finding']}")
     source = {
         "run_dir": str(run_dir),
         "run_id": manifest.get("run_id"),
@@ -212,6 +226,7 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     }
     report = _build(verdict, ctx, source)
     report.system_probe = system_probe
+    report.model = model
     return report
 
 
@@ -311,6 +326,16 @@ def render_table(report: Report) -> str:
         lines.append(
             f"  first wrong    seq {first['seq']} {first['path']} -> pid {first['pid']} "
             f"tid {first['tid']} {first['comm']}"
+        )
+    if report.model is not None:
+        m = report.model
+        lines.append(
+            f"model {m['key']:<10} stale tuples {m['stale_observed']['text']}; predicted "
+            f"{m['stale_predicted']['text']}; address reuse {m['reused_addresses']['text']}"
+        )
+        lines.append(
+            f"  requests       stale-tuple {m['requests']['stale_tuple']['text']}, against "
+            f"another server {m['requests']['wrong_server']['text']}"
         )
     if report.server_records_unmatched:
         lines.append(f"server records   {report.server_records_unmatched} nobody in this run sent")

@@ -971,6 +971,11 @@ def correlate(ctx: LabContext, trace: Path | None, workers: int | None = None) -
     return correlator.judge(tally, source)
 
 
+def _is_bpftrace(tracer: str | None) -> bool:
+    """The built-in tracer, alone or with the usm-model (its bpftrace program)."""
+    return tracer is not None and (tracer == "builtin" or tracer.startswith("usm-model"))
+
+
 def hints_for(verdict: Verdict, ctx: LabContext) -> list[str]:
     """What to check next, chosen from what the run shows (the manual lab's troubleshooting
     checklist, docs/background.md)."""
@@ -993,7 +998,7 @@ def hints_for(verdict: Verdict, ctx: LabContext) -> list[str]:
                 "attached to the TLS library the client uses (Python 3.11 calls SSL_write_ex/"
                 "SSL_read_ex; Go uses crypto/tls): `sudo bpftool prog list | grep usm`"
             )
-            if ctx.tracer not in ("builtin", "none"):
+            if ctx.tracer not in ("builtin", "none") and not _is_bpftrace(ctx.tracer):
                 hints.append(
                     "usm-debugger does not enable HTTP/2 monitoring by default: a Go client "
                     "speaks h2 and is not captured until the config enables it"
@@ -1020,7 +1025,7 @@ def hints_for(verdict: Verdict, ctx: LabContext) -> list[str]:
                 "every request failed: is the server listening and the TLS handshake working? "
                 f"`netstat -tulpn | grep {port}`, `ps -p {','.join(servers)}`, see server.log"
             )
-        if ctx.tracer == "builtin":
+        if _is_bpftrace(ctx.tracer):
             hints.append("built-in tracer: see tracer.log for bpftrace errors")
     if ctx.tracer_errors:
         hints.append(f"tracer.log reports: {ctx.tracer_errors[0]}")

@@ -184,7 +184,7 @@ class Feature:
     def client_paths(self, ctx: RunContext, index: int, paths: tuple[str, ...]) -> tuple[str, ...]:
         return paths
 
-    def client_flags(self, ctx: RunContext, flags: list[str]) -> list[str]:
+    def client_flags(self, ctx: RunContext, name: str, flags: list[str]) -> list[str]:
         return flags
 
     def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from usmlab.analysis.model import conn_log_name
 from usmlab.run.context import Feature, RunContext, Started
 from usmlab.run.signals import held_signals
 from usmlab.run.stages import start_clients, start_server
@@ -45,6 +46,10 @@ class GoClient(Feature):
     def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
         assert ctx.go_client is not None
         return [ctx.go_client]
+
+    def client_flags(self, ctx: RunContext, name: str, flags: list[str]) -> list[str]:
+        # Its connections' addresses and tls.Conn closes: the model's independent check.
+        return [*flags, "--conn-log", ctx.remote(conn_log_name(name))]
 
 
 class SeveralClients(Feature):
@@ -81,7 +86,7 @@ class Nat(Feature):
     def client_urls(self, ctx: RunContext, urls: list[str]) -> list[str]:
         return [f"https://{ctx.params.nat_vip}"]
 
-    def client_flags(self, ctx: RunContext, flags: list[str]) -> list[str]:
+    def client_flags(self, ctx: RunContext, name: str, flags: list[str]) -> list[str]:
         # The lab certificate does not name a virtual address: no --cacert.
         i = flags.index("--cacert")
         return flags[:i] + flags[i + 2 :]

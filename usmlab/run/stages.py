@@ -88,6 +88,8 @@ def choose_tracer(ctx: RunContext) -> None:
         name = "builtin" if can_root and ctx.facts.btf and ctx.facts.bpftrace else "none"
     ctx.tracer = make_tracer(name)
     ctx.tracer_name = ctx.manifest["tracer"] = name
+    if ctx.tracer is not None:
+        ctx.manifest.update(ctx.tracer.manifest_facts())
     ctx.save_manifest()
 
 
@@ -301,7 +303,7 @@ def _start_client(
         flags += ["--duration", f"{duration}"]
     flags += ["--cacert", ctx.kit("ca.pem"), "--log", ctx.remote(f"{name}.jsonl")]
     for feature in ctx.features:
-        flags = feature.client_flags(ctx, flags)
+        flags = feature.client_flags(ctx, name, flags)
     argv = ctx.with_env(name, "client", [*program, *flags])
     return ctx.start(argv, name=name, role="client")
 

@@ -22,6 +22,8 @@ from usmlab.targets.base import BackgroundProcess, Target
 TRACERS: dict[str, str | None] = {
     "builtin": "usmlab.tracers.builtin:BuiltinTracer",
     "usm-debugger": "usmlab.tracers.usm_debugger:UsmDebuggerTracer",
+    # usm-model[:KEY[:read-socket]]: the built-in tracer plus a model of USM's Go-TLS caches
+    "usm-model": "usmlab.tracers.usm_model:UsmModelTracer",
     "none": None,
     "system-probe": None,
 }
@@ -32,6 +34,11 @@ TRACER_CHOICES = ("auto", *TRACER_NAMES)  # auto: builtin when the target can ru
 def check_tracer_name(name: str) -> str:
     """The name, or a one-line usage error listing the choices."""
     choices = ("auto", *TRACERS)
+    if name.startswith("usm-model:"):
+        from usmlab.tracers.usm_model import parse_model_spec
+
+        parse_model_spec(name)
+        return name
     if name not in choices:
         raise UsageError(f"unknown tracer {name!r}: use {', '.join(choices)}")
     return name
@@ -39,11 +46,12 @@ def check_tracer_name(name: str) -> str:
 
 def make_tracer(name: str) -> Tracer | None:
     """The tracer to start for a --tracer name; None when usmlab starts no tracer."""
-    where = TRACERS[check_tracer_name(name)] if name != "auto" else None
+    where = TRACERS[check_tracer_name(name).split(":")[0]] if name != "auto" else None
     if where is None:
         return None
     module, _, cls = where.partition(":")
-    tracer: Tracer = getattr(importlib.import_module(module), cls)()
+    factory = getattr(importlib.import_module(module), cls)
+    tracer: Tracer = factory(name) if ":" in name else factory()
     return tracer
 
 
@@ -74,6 +82,10 @@ class Tracer(ABC):
     # which the workloads must start after the attach (docs/architecture.md).
     traces_running_processes: bool = False
     attach_poll_seconds: float = 0.1  # how often `attached` is asked
+
+    def manifest_facts(self) -> dict[str, object]:
+        """What the manifest should say about this tracer's settings."""
+        return {}
 
     @abstractmethod
     def start(self, target: Target, ctx: TracerContext) -> BackgroundProcess:

@@ -63,11 +63,7 @@ class BuiltinTracer(Tracer):
         functions = {lib: names for lib, names in functions.items() if names}
         if not functions:
             raise UsmlabError(f"none of {', '.join(SSL_FUNCTIONS)} found in {libraries[0]}")
-        program = render_program(ctx.run_id, functions)
-        if ctx.go_binaries:
-            for binary in ctx.go_binaries:
-                check_go_binary(target, binary)
-            program += render_go_probes(ctx.run_id, ctx.go_binaries, str(ctx.facts["machine"]))
+        program = render_program(ctx.run_id, functions) + self.go_probes(ctx, target)
         local_copy = Path(ctx.facts["local_run_dir"]) / PROGRAM_NAME
         local_copy.write_text(program)
         remote_program = target.join(ctx.run_dir, PROGRAM_NAME)
@@ -81,6 +77,14 @@ class BuiltinTracer(Tracer):
             remote_program,
         ]
         return target.start(argv, name="tracer", stdout_path=log, sudo=True)
+
+    def go_probes(self, ctx: TracerContext, target: Target) -> str:
+        """The probes of the run's Go binaries, appended to the OpenSSL program."""
+        if not ctx.go_binaries:
+            return ""
+        for binary in ctx.go_binaries:
+            check_go_binary(target, binary)
+        return render_go_probes(ctx.run_id, ctx.go_binaries, str(ctx.facts["machine"]))
 
     def attached(self, target: Target, ctx: TracerContext, proc: BackgroundProcess) -> bool:
         try:

@@ -1,7 +1,7 @@
 // Command goclient is the lab's Go crypto/tls HTTPS client.
 //
 // The misattribution USM showed in production came from Go-TLS uprobes, and a Python (OpenSSL)
-// client never reproduced it; a Go client with connection churn did (docs/background.md). This client
+// client never reproduced it; a Go client with connection churn did (docs/background.md). It
 // speaks the same flags and writes the same client.jsonl (docs/formats.md) as the Python client,
 // plus the knobs that made the bug appear: a new http.Transport per request, response bodies
 // left unclosed, forced garbage collections. Standard library only, builds with Go 1.19.
@@ -117,6 +117,7 @@ type config struct {
 	perRequest  bool
 	skipClose   float64
 	gcEvery     int
+	connLogPath string
 }
 
 var plainNumber = regexp.MustCompile(`^(\d+(\.\d*)?|\.\d+)$`)
@@ -249,6 +250,7 @@ func parseConfig(args []string) (*config, error) {
 	perRequest := fs.Bool("transport-per-request", false, "a new http.Transport (keep-alives off) per request")
 	skipClose := fs.String("skip-close", "0", "fraction 0..1 of responses whose body is neither read nor closed")
 	gcEvery := fs.String("gc-every", "0", "runtime.GC() every N requests (0 = never)")
+	connLog := fs.String("conn-log", "", "JSON lines of connection opens and tls.Conn closes (appended to)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -262,7 +264,7 @@ func parseConfig(args []string) (*config, error) {
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 
 	cfg := &config{cacert: *cacert, logPath: *logPath, check: *check, http2: *http2,
-		perRequest: *perRequest, paths: defaultPaths}
+		perRequest: *perRequest, paths: defaultPaths, connLogPath: *connLog}
 	var err error
 	if cfg.targets, err = parseURLs(*rawURL); err != nil {
 		return nil, err
@@ -366,6 +368,25 @@ type record struct {
 	StartWall     float64  `json:"start_wall"`
 	EndWall       *float64 `json:"end_wall"`
 	ConnID        *string  `json:"conn_id"`
+	// The connection as Go's runtime and the kernel know it (docs/formats.md): the *tls.Conn
+	// and *net.netFD addresses USM's caches are keyed by, and the socket's fd number.
+	TLSConn *string `json:"tls_conn,omitempty"`
+	NetFD   *string `json:"net_fd,omitempty"`
+	FD      *int    `json:"fd,omitempty"`
+}
+
+// connEvent is one --conn-log line: a connection opened (its addresses, fd and local port),
+// or its tls.Conn closed (Close ran: net/http, or the body's Close, called it).
+type connEvent struct {
+	Event     string  `json:"event"`
+	Pid       int     `json:"pid"`
+	ConnID    string  `json:"conn_id"`
+	TLSConn   string  `json:"tls_conn"`
+	NetFD     string  `json:"net_fd,omitempty"`
+	FD        *int    `json:"fd,omitempty"`
+	LocalPort int     `json:"local_port,omitempty"`
+	Remote    string  `json:"remote,omitempty"`
+	Mono      float64 `json:"mono"`
 }
 
 func (r *record) ok() bool {
@@ -497,7 +518,7 @@ func openLog(path string) (*jsonLog, error) {
 	return &jsonLog{file: f}, nil
 }
 
-func (l *jsonLog) write(r *record) {
+func (l *jsonLog) write(r interface{}) {
 	line, err := json.Marshal(r)
 	if err != nil {
 		return
@@ -569,6 +590,7 @@ type client struct {
 	cfg      *config
 	tls      *tls.Config
 	log      *jsonLog
+	connLog  *jsonLog
 	pid      int
 	sched    *schedule
 	stopCh   chan struct{}
@@ -582,8 +604,8 @@ type client struct {
 	done     int
 }
 
-func newClient(cfg *config, tlsConf *tls.Config, log *jsonLog) *client {
-	c := &client{cfg: cfg, tls: tlsConf, log: log, pid: os.Getpid(),
+func newClient(cfg *config, tlsConf *tls.Config, log, connLog *jsonLog) *client {
+	c := &client{cfg: cfg, tls: tlsConf, log: log, connLog: connLog, pid: os.Getpid(),
 		stopCh: make(chan struct{}), inFlight: map[int]*record{}, connIDs: map[string]string{}}
 	c.sched = &schedule{t0: monoNow(), interval: cfg.interval, count: cfg.count,
 		duration: cfg.duration}
@@ -614,8 +636,91 @@ func (c *client) newTransport(keepAlive bool) *http.Transport {
 	if !c.cfg.http2 {
 		// A non-nil empty map turns net/http's built-in HTTP/2 off: plain HTTP/1.1, no ALPN.
 		tr.TLSNextProto = map[string]func(string, *tls.Conn) http.RoundTripper{}
+		// The TLS handshake here instead of in net/http, so that tls.Conn.Close is seen
+		// (trackedConn): the tls.Conn and the *net.TCPConn under it stay exactly as net/http
+		// makes them; only the handle net/http holds is ours.
+		tr.DialTLSContext = c.dialTLS
 	}
 	return tr
+}
+
+// trackedConn is the *tls.Conn net/http uses, noting when its Close runs: whether a tls.Conn
+// that USM caches was ever closed is what decides if its cache entry is deleted.
+type trackedConn struct {
+	*tls.Conn
+	c      *client
+	event  connEvent
+	closed sync.Once
+}
+
+func (t *trackedConn) Close() error {
+	t.closed.Do(func() {
+		closed := t.event
+		closed.Event, closed.Mono = "close", monoNow()
+		closed.NetFD, closed.FD, closed.LocalPort, closed.Remote = "", nil, 0, ""
+		t.c.connLog.write(&closed)
+	})
+	return t.Conn.Close()
+}
+
+func (c *client) dialTLS(ctx context.Context, network, addr string) (net.Conn, error) {
+	raw, err := c.dial(ctx, network, addr)
+	if err != nil {
+		return nil, err
+	}
+	conf := c.tls.Clone()
+	if host, _, splitErr := net.SplitHostPort(addr); splitErr == nil {
+		conf.ServerName = host
+	}
+	tc := tls.Client(raw, conf)
+	if err := tc.HandshakeContext(ctx); err != nil {
+		_ = raw.Close()
+		return nil, err
+	}
+	tracked := &trackedConn{Conn: tc, c: c}
+	ptr, netFD, fd := connIdentity(tc)
+	local, _ := raw.LocalAddr().(*net.TCPAddr)
+	c.mu.Lock()
+	id := c.connIDs[connKey(raw.LocalAddr(), raw.RemoteAddr())]
+	c.mu.Unlock()
+	tracked.event = connEvent{Event: "open", Pid: c.pid, ConnID: id, TLSConn: ptr, NetFD: netFD,
+		FD: fd, Remote: raw.RemoteAddr().String(), Mono: monoNow()}
+	if local != nil {
+		tracked.event.LocalPort = local.Port
+	}
+	c.connLog.write(&tracked.event)
+	return tracked, nil
+}
+
+// connIdentity is what USM's Go-TLS caches see of a connection: the *tls.Conn address, the
+// *net.netFD under it (the first word of *net.TCPConn, whose conn struct starts with fd), and
+// the socket's fd number.
+func connIdentity(tc *tls.Conn) (string, string, *int) {
+	ptr := fmt.Sprintf("%#x", uintptr(unsafe.Pointer(tc)))
+	tcp, ok := tc.NetConn().(*net.TCPConn)
+	if !ok {
+		return ptr, "", nil
+	}
+	netFD := fmt.Sprintf("%#x", *(*uintptr)(unsafe.Pointer(tcp)))
+	var fd *int
+	if raw, err := tcp.SyscallConn(); err == nil {
+		_ = raw.Control(func(sysfd uintptr) {
+			n := int(sysfd)
+			fd = &n
+		})
+	}
+	return ptr, netFD, fd
+}
+
+// tlsConnOf finds the *tls.Conn net/http got for a request.
+func tlsConnOf(conn net.Conn) *tls.Conn {
+	switch v := conn.(type) {
+	case *trackedConn:
+		return v.Conn
+	case *tls.Conn:
+		return v
+	}
+	return nil
 }
 
 func (c *client) dial(ctx context.Context, network, addr string) (net.Conn, error) {
@@ -771,9 +876,20 @@ func (c *client) request(seq int, due float64, tr *http.Transport) {
 
 	note := &dialNote{}
 	trace := &httptrace.ClientTrace{GotConn: func(info httptrace.GotConnInfo) {
+		var ptr, netFD string
+		var fd *int
+		if tc := tlsConnOf(info.Conn); tc != nil {
+			ptr, netFD, fd = connIdentity(tc)
+		}
 		if local, ok := info.Conn.LocalAddr().(*net.TCPAddr); ok {
 			c.mu.Lock()
 			c.setLocal(rec, local, info.Conn.RemoteAddr())
+			if ptr != "" {
+				rec.TLSConn, rec.FD = &ptr, fd
+				if netFD != "" {
+					rec.NetFD = &netFD
+				}
+			}
 			c.mu.Unlock()
 		}
 	}}
@@ -955,7 +1071,7 @@ func run(args []string) int {
 		fmt.Println("usage: goclient [-url URL[,URL...]] [-count N] [-interval D] [--concurrency N] " +
 			"[--connection new|reuse] [--duration D] [--paths P1,P2] [--cacert FILE] [--log FILE] " +
 			"[--timeout D] [--http2] [--transport-per-request] [--skip-close RATIO] " +
-			"[--gc-every N] [--check]")
+			"[--gc-every N] [--conn-log FILE] [--check]")
 		return exitOK
 	}
 	if err != nil {
@@ -976,11 +1092,17 @@ func run(args []string) int {
 		return exitUsage
 	}
 	defer log.close()
+	connLog, err := openLog(cfg.connLogPath)
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "error: "+err.Error())
+		return exitUsage
+	}
+	defer connLog.close()
 
 	// stdout gone (closed pipe): keep the requests and the jsonl going, as the Python client.
 	signal.Ignore(syscall.SIGPIPE)
 	fmt.Printf("Starting TLS client (PID: %d)\n", os.Getpid())
-	c := newClient(cfg, tlsConf, log)
+	c := newClient(cfg, tlsConf, log, connLog)
 	c.run()
 	c.mu.Lock()
 	records := append([]*record(nil), c.records...)

@@ -1,0 +1,276 @@
+"""report.json `model`: what the usm-model tracer saw, judged, next to what the client logs
+predict (docs/usm-model.md).
+
+Observed: every Go TLS write the model printed (tracer.log `usmlab-model write`), with the true
+tuple read from the socket and the tuple the modelled caches gave; a write whose model tuple is
+not its true tuple is a stale tuple, named by the cache that answered. Predicted: the same
+caches replayed from the client's own logs alone (its requests' `*tls.Conn` and `*netFD`
+addresses and fd numbers, its connections' opens and tls.Conn closes; socket closes, which the
+Go runtime's finalizers make without telling the client, from the model's own close events).
+The two counts must agree; a difference is reported, never hidden.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from usmlab.analysis.rates import rate
+from usmlab.jsonlines import read_jsonl
+from usmlab.manifest import Manifest
+
+_LINE = re.compile(r"usmlab-model (write|close|tcp_close) (.*)")
+_FIELD = re.compile(r"(\w+)=(\S*)")
+VIA = {0: "conn", 1: "fd", 2: "socket"}
+
+
+def conn_log_name(client: str) -> str:
+    """The connection log of a Go client process (`--conn-log`)."""
+    return f"conns-{client}.jsonl"
+
+
+@dataclass(frozen=True)
+class Tuple4:
+    saddr: str
+    sport: int
+    daddr: str
+    dport: int
+
+    @classmethod
+    def parse(cls, text: str) -> Tuple4:
+        """`100007f:58630-100007f:18443` (addresses as the kernel's __be32, printed as u32)."""
+        src, dst = text.split("-")
+        (sa, sp), (da, dp) = src.split(":"), dst.split(":")
+        return cls(_ip(sa), int(sp), _ip(da), int(dp))
+
+    def __str__(self) -> str:
+        return f"{self.saddr}:{self.sport}->{self.daddr}:{self.dport}"
+
+
+def _ip(hexed: str) -> str:
+    return socket.inet_ntoa(struct.pack("<I", int(hexed, 16)))
+
+
+@dataclass
+class Write:
+    ts: float
+    pid: int
+    tid: int
+    conn: str
+    netfd: str
+    fd: int
+    true: Tuple4
+    model: Tuple4
+    owner: int
+    via: str
+
+    @property
+    def stale(self) -> bool:
+        return self.model != self.true
+
+
+@dataclass
+class ModelTrace:
+    writes: list[Write] = field(default_factory=list)
+    closes: int = 0
+    close_hits: int = 0
+    socket_closes: list[tuple[float, int, int, Tuple4, bool]] = field(default_factory=list)
+
+
+def read_model_trace(path: Path) -> ModelTrace:
+    trace = ModelTrace()
+    if not path.exists():
+        return trace
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            match = _LINE.match(line)
+            if match is None:
+                continue
+            f = dict(_FIELD.findall(match[2]))
+            ts = int(f["ts"]) / 1e9
+            if match[1] == "write":
+                trace.writes.append(
+                    Write(ts, int(f["pid"]), int(f["tid"]), f["conn"], f["netfd"], int(f["fd"]),
+                          Tuple4.parse(f["true"]), Tuple4.parse(f["model"]), int(f["owner"]),
+                          VIA[int(f["via"])])
+                )  # fmt: skip
+            elif match[1] == "close":
+                trace.closes += 1
+                trace.close_hits += f.get("hit") == "1"
+            else:
+                trace.socket_closes.append(
+                    (ts, int(f["pid"]), int(f["fd"]), Tuple4.parse(f["true"]), f["found"] == "1")
+                )
+    return trace
+
+
+# -- the prediction from the client logs ---------------------------------------------------------
+
+
+def _key(kind: str, pid: int, conn: str, netfd: str) -> tuple[Any, ...]:
+    if kind == "pointer":
+        return (conn,)
+    if kind == "pointer-fd":
+        return (conn, netfd)
+    return (pid, conn)
+
+
+def predict(
+    key_kind: str,
+    fd_cache: bool,
+    requests: list[dict[str, Any]],
+    conn_events: list[dict[str, Any]],
+    socket_closes: Iterable[tuple[float, int, int, Tuple4, bool]],
+) -> dict[str, int]:
+    """Replay the modelled caches over the client's own record of its connections.
+
+    Each connection's first request is its first write (a miss fills the entry, a live entry
+    of another connection under the same key is a stale answer); a tls.Conn close deletes its
+    key; a socket close (in its own process) deletes its (pid, fd) entry.
+    """
+    events: list[tuple[float, int, Any]] = []
+    for request in requests:
+        if request.get("tls_conn") and request.get("local_port") is not None:
+            events.append((float(request["start_mono"]), 1, request))
+    for event in conn_events:
+        if event.get("event") == "close":
+            events.append((float(event["mono"]), 0, event))
+    for ts, pid, fd, tup, found in socket_closes:
+        if found:
+            events.append((ts, 0, {"event": "socket", "pid": pid, "fd": fd, "sport": tup.sport}))
+    events.sort(key=lambda e: (e[0], e[1]))
+    conn_cache: dict[tuple[Any, ...], tuple[int, int]] = {}  # key -> (pid, local port) cached
+    fd_entries: dict[tuple[int, int], tuple[int, int]] = {}
+    netfd_of: dict[tuple[int, str], str] = {}
+    stale = {"conn": 0, "fd": 0}
+    reused = 0
+    seen: set[tuple[int, int]] = set()
+    for _, _, item in events:
+        if item.get("event") == "close":
+            pid, conn = item["pid"], item["tls_conn"]
+            conn_cache.pop(_key(key_kind, pid, conn, netfd_of.get((pid, conn), "")), None)
+            continue
+        if item.get("event") == "socket":
+            entry = fd_entries.get((item["pid"], item["fd"]))
+            if entry is not None and entry[1] == item["sport"]:
+                del fd_entries[(item["pid"], item["fd"])]
+            continue
+        pid, port = int(item["pid"]), int(item["local_port"])
+        conn, netfd = str(item["tls_conn"]), str(item.get("net_fd") or "")
+        netfd_of[(pid, conn)] = netfd
+        key = _key(key_kind, pid, conn, netfd)
+        first = (pid, port) not in seen
+        seen.add((pid, port))
+        cached = conn_cache.get(key)
+        if cached is not None:
+            if first:
+                reused += 1
+            if cached != (pid, port):
+                stale["conn"] += 1
+            continue
+        answer = (pid, port)
+        if fd_cache and item.get("fd") is not None:
+            slot = (pid, int(item["fd"]))
+            if slot in fd_entries:
+                answer = fd_entries[slot]
+                if answer != (pid, port):
+                    stale["fd"] += 1
+            else:
+                fd_entries[slot] = answer
+        conn_cache[key] = answer
+    return {"stale": stale["conn"] + stale["fd"], **{f"stale_{k}": v for k, v in stale.items()},
+            "reused_addresses": reused}  # fmt: skip
+
+
+# -- judging ------------------------------------------------------------------------------------
+
+
+def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
+    """report.json `model` for a run of the usm-model tracer; None for other runs."""
+    settings = manifest.get("model")
+    if not isinstance(settings, dict):
+        return None
+    key_kind, fd_cache = str(settings.get("key")), bool(settings.get("fd_cache"))
+    trace = read_model_trace(run_dir / "tracer.log")
+    requests = [r for log in manifest.client_logs for r in read_jsonl(log)]
+    conn_events = [
+        e
+        for p in manifest.names("client")
+        for e in read_jsonl(run_dir / conn_log_name(p), missing_ok=True)
+    ]
+    writes = trace.writes
+    stale = [w for w in writes if w.stale]
+    connections = {(w.pid, w.true) for w in writes}
+    first_writes: dict[tuple[int, Tuple4], Write] = {}
+    for w in writes:
+        first_writes.setdefault((w.pid, w.true), w)
+    reused = sum(1 for w in first_writes.values() if w.via == "conn")
+    predicted = predict(key_kind, fd_cache, requests, conn_events, trace.socket_closes)
+    judged = judge_requests(requests, writes)
+    section: dict[str, Any] = {
+        "key": key_kind,
+        "fd_cache": fd_cache,
+        "writes": len(writes),
+        "closes": trace.closes,
+        "close_hits": trace.close_hits,
+        "socket_closes": len(trace.socket_closes),
+        "connections": len(connections),
+        "reused_addresses": rate(reused, len(connections)),
+        "stale_observed": rate(len(stale), len(writes)),
+        "stale_by_cache": {via: sum(1 for w in stale if w.via == via) for via in ("conn", "fd")},
+        "stale_predicted": rate(predicted["stale"], len(writes)),
+        "predicted": predicted,
+        "cross_process_collisions": rate(sum(1 for w in stale if w.owner != w.pid), len(writes)),
+        "requests": judged,
+    }
+    section["agree"] = predicted["stale"] == len(stale) and predicted["reused_addresses"] == reused
+    if not section["agree"]:
+        section["finding"] = (
+            f"the model printed {len(stale)} stale tuple(s) and {reused} reused address(es); "
+            f"the client logs predict {predicted['stale']} and {predicted['reused_addresses']}"
+        )
+    return section
+
+
+def judge_requests(requests: list[dict[str, Any]], writes: list[Write]) -> dict[str, Any]:
+    """Each request against the model's answer for its first write: `stale-tuple` when the
+    model gave another connection's tuple, and `wrong-server` when that tuple names another
+    server port than the one the request went to."""
+    by_conn: dict[tuple[int, int], list[Write]] = {}
+    for w in sorted(writes, key=lambda w: w.ts):
+        by_conn.setdefault((w.pid, w.true.sport), []).append(w)
+    judged = stale = wrong_server = 0
+    examples: list[dict[str, Any]] = []
+    for request in sorted(requests, key=lambda r: r.get("start_mono") or 0):
+        port = request.get("local_port")
+        queue = by_conn.get((request.get("pid"), port)) if port is not None else None
+        if not queue:
+            continue
+        write = queue.pop(0)
+        judged += 1
+        if not write.stale:
+            continue
+        stale += 1
+        server_port = int(str(request.get("remote", ":0")).rpartition(":")[2] or 0)
+        other = write.model.dport != server_port
+        wrong_server += other
+        if len(examples) < 20:
+            examples.append({
+                "seq": request.get("seq"), "path": request.get("path"), "pid": request.get("pid"),
+                "true": str(write.true), "model": str(write.model), "cache": write.via,
+                "owner_pid": write.owner, "reason": "stale-tuple",
+                **({"recorded_against_port": write.model.dport} if other else {}),
+            })  # fmt: skip
+    return {
+        "sent": len(requests),
+        "judged": judged,
+        "not_seen": len(requests) - judged,
+        "stale_tuple": rate(stale, judged),
+        "wrong_server": rate(wrong_server, judged),
+        "examples": examples,
+    }
