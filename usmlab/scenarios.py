@@ -90,7 +90,7 @@ def _is_loopback(host: str) -> bool:
 
 CLIENT_KINDS = ("python", "go")
 RESTART_KINDS = ("client", "server", "both")
-GO_ONLY = ("transport_per_request", "skip_close", "gc_every", "http2")
+GO_ONLY = ("transport_per_request", "skip_close", "gc_every", "http2", "close_nothing")
 
 
 @dataclass(frozen=True)
@@ -115,6 +115,7 @@ class Params:
     skip_close: float = 0.0  # Go: share of response bodies left unclosed
     gc_every: int = 0  # Go: runtime.GC() every N requests
     http2: bool = False  # Go: allow h2
+    close_nothing: bool = False  # Go: raw TLS, every connection dropped without Close
     restart: str | None = None  # kill and respawn: client, server or both
     restart_after: float = 2.0  # seconds into the traffic
     preexisting: float = 0.0  # seconds of traffic before the tracer attaches
@@ -199,6 +200,8 @@ class Params:
             args += ["--gc-every", str(self.gc_every)]
         if self.http2:
             args.append("--http2")
+        if self.close_nothing:
+            args.append("--close-nothing")
         return args
 
     def as_dict(self) -> dict[str, object]:

@@ -82,6 +82,30 @@ class ModelTrace:
     socket_closes: list[tuple[float, int, int, Tuple4, bool]] = field(default_factory=list)
 
 
+REPEAT_WINDOW = 0.05  # seconds
+
+
+def drop_repeats(writes: list[Write]) -> tuple[list[Write], int]:
+    """Writes without the repeated entries of one call: a uprobe at a Go function's entry fires
+    again when the goroutine's stack grows in the function's prologue (the runtime restarts the
+    function after growing it), so one Write may print twice, from the same thread on the same
+    tls.Conn, the second answered by the cache the first filled."""
+    kept: list[Write] = []
+    last: dict[tuple[int, str], Write] = {}
+    repeats = 0
+    for w in sorted(writes, key=lambda w: w.ts):
+        before = last.get((w.tid, w.conn))
+        if (
+            before is not None and w.ts - before.ts < REPEAT_WINDOW and w.via == "conn"
+            and w.model == before.model and w.true == before.true
+        ):  # fmt: skip
+            repeats += 1
+            continue
+        last[(w.tid, w.conn)] = w
+        kept.append(w)
+    return kept, repeats
+
+
 def read_model_trace(path: Path) -> ModelTrace:
     trace = ModelTrace()
     if not path.exists():
@@ -133,10 +157,21 @@ def predict(
     of another connection under the same key is a stale answer); a tls.Conn close deletes its
     key; a socket close (in its own process) deletes its (pid, fd) entry.
     """
+    # A connection's first write follows its handshake: its `open` event, logged after the
+    # handshake, is the time to replay it at (the request started before the dial).
+    opened = {
+        (e.get("pid"), e.get("conn_id")): float(e["mono"])
+        for e in conn_events
+        if e.get("event") == "open"
+    }
     events: list[tuple[float, int, Any]] = []
     for request in requests:
         if request.get("tls_conn") and request.get("local_port") is not None:
-            events.append((float(request["start_mono"]), 1, request))
+            at = max(
+                float(request["start_mono"]),
+                opened.get((request.get("pid"), request.get("conn_id")), 0.0),
+            )
+            events.append((at, 1, request))
     for event in conn_events:
         if event.get("event") == "close":
             events.append((float(event["mono"]), 0, event))
@@ -149,7 +184,7 @@ def predict(
     netfd_of: dict[tuple[int, str], str] = {}
     stale = {"conn": 0, "fd": 0}
     reused = 0
-    seen: set[tuple[int, int]] = set()
+    seen: set[tuple[int, int, int]] = set()
     for _, _, item in events:
         if item.get("event") == "close":
             pid, conn = item["pid"], item["tls_conn"]
@@ -164,8 +199,9 @@ def predict(
         conn, netfd = str(item["tls_conn"]), str(item.get("net_fd") or "")
         netfd_of[(pid, conn)] = netfd
         key = _key(key_kind, pid, conn, netfd)
-        first = (pid, port) not in seen
-        seen.add((pid, port))
+        # One connection: a local port is reused for connections to different servers.
+        first = (pid, port, _server_port(item)) not in seen
+        seen.add((pid, port, _server_port(item)))
         cached = conn_cache.get(key)
         if cached is not None:
             if first:
@@ -187,6 +223,11 @@ def predict(
             "reused_addresses": reused}  # fmt: skip
 
 
+def _server_port(request: dict[str, Any]) -> int:
+    port = str(request.get("remote") or "").rpartition(":")[2]
+    return int(port) if port.isdigit() else 0
+
+
 # -- judging ------------------------------------------------------------------------------------
 
 
@@ -203,7 +244,7 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         for p in manifest.names("client")
         for e in read_jsonl(run_dir / conn_log_name(p), missing_ok=True)
     ]
-    writes = trace.writes
+    writes, repeats = drop_repeats(trace.writes)
     stale = [w for w in writes if w.stale]
     connections = {(w.pid, w.true) for w in writes}
     first_writes: dict[tuple[int, Tuple4], Write] = {}
@@ -216,6 +257,7 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         "key": key_kind,
         "fd_cache": fd_cache,
         "writes": len(writes),
+        "repeated_entries": repeats,
         "closes": trace.closes,
         "close_hits": trace.close_hits,
         "socket_closes": len(trace.socket_closes),
@@ -241,14 +283,15 @@ def judge_requests(requests: list[dict[str, Any]], writes: list[Write]) -> dict[
     """Each request against the model's answer for its first write: `stale-tuple` when the
     model gave another connection's tuple, and `wrong-server` when that tuple names another
     server port than the one the request went to."""
-    by_conn: dict[tuple[int, int], list[Write]] = {}
+    by_conn: dict[tuple[int, int, int], list[Write]] = {}
     for w in sorted(writes, key=lambda w: w.ts):
-        by_conn.setdefault((w.pid, w.true.sport), []).append(w)
+        by_conn.setdefault((w.pid, w.true.sport, w.true.dport), []).append(w)
     judged = stale = wrong_server = 0
     examples: list[dict[str, Any]] = []
     for request in sorted(requests, key=lambda r: r.get("start_mono") or 0):
         port = request.get("local_port")
-        queue = by_conn.get((request.get("pid"), port)) if port is not None else None
+        server_port = _server_port(request)
+        queue = by_conn.get((request.get("pid"), port, server_port)) if port is not None else None
         if not queue:
             continue
         write = queue.pop(0)
@@ -256,7 +299,6 @@ def judge_requests(requests: list[dict[str, Any]], writes: list[Write]) -> dict[
         if not write.stale:
             continue
         stale += 1
-        server_port = int(str(request.get("remote", ":0")).rpartition(":")[2] or 0)
         other = write.model.dport != server_port
         wrong_server += other
         if len(examples) < 20:

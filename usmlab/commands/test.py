@@ -77,6 +77,10 @@ def test_cmd(
     gc_every: Annotated[int | None, typer.Option(help="Go: runtime.GC() every N requests.")] = (
         None
     ),
+    close_nothing: Annotated[
+        bool | None,
+        typer.Option(help="Go: raw TLS, every connection dropped without Close (GC closes it)."),
+    ] = None,
     restart: Annotated[
         str | None, typer.Option(help="Kill and respawn mid-traffic: client, server, both.")
     ] = None,
@@ -114,6 +118,7 @@ def test_cmd(
         transport_per_request=transport_per_request,
         skip_close=skip_close,
         gc_every=gc_every,
+        close_nothing=close_nothing,
         restart=restart,
         restart_after=None if restart_after is None else parse_duration(restart_after, "delay"),
         preexisting=None if preexisting is None else parse_duration(preexisting, "lead time"),

@@ -13,6 +13,7 @@
 package main
 
 import (
+	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
@@ -118,6 +119,9 @@ type config struct {
 	skipClose   float64
 	gcEvery     int
 	connLogPath string
+	// closeNothing: raw TLS without net/http; every connection is dropped without Close, so
+	// only the runtime's GC (the netFD finalizer) closes its socket.
+	closeNothing bool
 }
 
 var plainNumber = regexp.MustCompile(`^(\d+(\.\d*)?|\.\d+)$`)
@@ -251,6 +255,7 @@ func parseConfig(args []string) (*config, error) {
 	skipClose := fs.String("skip-close", "0", "fraction 0..1 of responses whose body is neither read nor closed")
 	gcEvery := fs.String("gc-every", "0", "runtime.GC() every N requests (0 = never)")
 	connLog := fs.String("conn-log", "", "JSON lines of connection opens and tls.Conn closes (appended to)")
+	closeNothing := fs.Bool("close-nothing", false, "raw TLS, no net/http: drop every connection without Close (GC closes the socket)")
 	if err := fs.Parse(args); err != nil {
 		if errors.Is(err, flag.ErrHelp) {
 			return nil, err
@@ -264,7 +269,8 @@ func parseConfig(args []string) (*config, error) {
 	fs.Visit(func(f *flag.Flag) { set[f.Name] = true })
 
 	cfg := &config{cacert: *cacert, logPath: *logPath, check: *check, http2: *http2,
-		perRequest: *perRequest, paths: defaultPaths, connLogPath: *connLog}
+		perRequest: *perRequest, paths: defaultPaths, connLogPath: *connLog,
+		closeNothing: *closeNothing}
 	var err error
 	if cfg.targets, err = parseURLs(*rawURL); err != nil {
 		return nil, err
@@ -311,6 +317,10 @@ func parseConfig(args []string) (*config, error) {
 		cfg.reuse = true
 	default:
 		return nil, usagef("--connection must be new or reuse, got %q", *connection)
+	}
+	if cfg.closeNothing && (cfg.reuse || cfg.http2) {
+		return nil, usagef("--close-nothing opens a connection per request over HTTP/1.1: " +
+			"it cannot be combined with --connection reuse or --http2")
 	}
 	if cfg.reuse && cfg.perRequest {
 		return nil, usagef("--transport-per-request opens a connection per request: " +
@@ -898,7 +908,15 @@ func (c *client) request(seq int, due float64, tr *http.Transport) {
 	// the connection. So with --skip-close a connection lingers for --timeout, then goes.
 	hc := &http.Client{Transport: tr, Timeout: c.cfg.timeout,
 		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse }}
-	status, skipped, err := c.exchange(ctx, hc, seq, t.origin+path)
+	var status int
+	var skipped bool
+	var err error
+	if c.cfg.closeNothing {
+		status, err = c.dropRequest(rec, t, path)
+		skipped = true
+	} else {
+		status, skipped, err = c.exchange(ctx, hc, seq, t.origin+path)
+	}
 	endMono, endWall := monoNow(), wallNow()
 
 	c.mu.Lock()
@@ -954,6 +972,62 @@ func (c *client) exchange(ctx context.Context, hc *http.Client, seq int, rawURL 
 		err = closeErr
 	}
 	return resp.StatusCode, false, err
+}
+
+// dropRequest sends one GET over a TLS connection of its own and reads the status line, then
+// drops the connection without closing it: a tls.Conn that USM caches and whose Close never
+// runs, its socket closed by the netFD finalizer at a later GC (--gc-every).
+func (c *client) dropRequest(rec *record, t target, path string) (int, error) {
+	d := net.Dialer{Timeout: c.cfg.timeout}
+	raw, err := d.Dial("tcp", t.remote)
+	if err != nil {
+		return 0, err
+	}
+	local, _ := raw.LocalAddr().(*net.TCPAddr)
+	conf := c.tls.Clone()
+	conf.ServerName = t.host
+	tc := tls.Client(raw, conf)
+	_ = tc.SetDeadline(time.Now().Add(c.cfg.timeout))
+	c.mu.Lock()
+	c.conns++
+	id := fmt.Sprintf("%d-%d", c.pid, c.conns)
+	if local != nil {
+		ip, port := local.IP.String(), local.Port
+		rec.LocalAddr, rec.LocalPort = &ip, &port
+	}
+	rec.ConnID = &id
+	c.mu.Unlock()
+	if err := tc.Handshake(); err != nil {
+		return 0, err
+	}
+	ptr, netFD, fd := connIdentity(tc)
+	c.mu.Lock()
+	rec.TLSConn, rec.NetFD, rec.FD = &ptr, &netFD, fd
+	c.mu.Unlock()
+	open := connEvent{Event: "open", Pid: c.pid, ConnID: id, TLSConn: ptr, NetFD: netFD, FD: fd,
+		Remote: t.remote, Mono: monoNow()}
+	if local != nil {
+		open.LocalPort = local.Port
+	}
+	c.connLog.write(&open)
+	request := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n"+
+		"Accept: application/json\r\nConnection: close\r\n\r\n", path, t.remote, userAgent)
+	if _, err := tc.Write([]byte(request)); err != nil {
+		return 0, err
+	}
+	line, err := bufio.NewReader(tc).ReadString('\n')
+	if err != nil {
+		return 0, err
+	}
+	fields := strings.Fields(line)
+	if len(fields) < 2 || !strings.HasPrefix(fields[0], "HTTP/") {
+		return 0, fmt.Errorf("malformed status line %q", strings.TrimSpace(line))
+	}
+	status, err := strconv.Atoi(fields[1])
+	if err != nil {
+		return 0, fmt.Errorf("malformed status line %q", strings.TrimSpace(line))
+	}
+	return status, nil // tc is dropped here, never closed
 }
 
 func describe(r *record) string {
@@ -1071,7 +1145,7 @@ func run(args []string) int {
 		fmt.Println("usage: goclient [-url URL[,URL...]] [-count N] [-interval D] [--concurrency N] " +
 			"[--connection new|reuse] [--duration D] [--paths P1,P2] [--cacert FILE] [--log FILE] " +
 			"[--timeout D] [--http2] [--transport-per-request] [--skip-close RATIO] " +
-			"[--gc-every N] [--conn-log FILE] [--check]")
+			"[--gc-every N] [--conn-log FILE] [--close-nothing] [--check]")
 		return exitOK
 	}
 	if err != nil {
