@@ -1,0 +1,150 @@
+"""The usm-model tracer: a model of USM's Go-TLS tuple caches in bpftrace, on the real Go client,
+checked against the prediction from the client's own logs; its parser on literal lines; rates."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from labrun import free_port, needs_tracer, only_run_dir, run_usmlab
+
+from usmlab.analysis.model import (
+    Tuple4,
+    Write,
+    drop_repeats,
+    predict,
+    read_model_trace,
+)
+from usmlab.analysis.rates import rate
+from usmlab.errors import UsageError
+from usmlab.tracers.usm_model import parse_model_spec
+
+LINES = [
+    "USMLAB_TRACER_ATTACHED 2581815276138",
+    "usmlab-model write ts=2588776140350 pid=9049 tid=9051 conn=c000190000 netfd=c00007c280 "
+    "fd=11 true=100007f:58630-100007f:18443 model=100007f:58630-100007f:18443 owner=9049 via=2 "
+    "http=1",
+    "usmlab-model close ts=2588780715169 pid=9049 tid=9051 conn=c000190000 netfd=c00007c280 hit=1",
+    "usmlab-model tcp_close ts=2588780784685 pid=9049 tid=9051 fd=11 "
+    "true=100007f:58630-100007f:18443 found=1",
+    "usmlab-model write ts=2588788963706 pid=9049 tid=9054 conn=c000191c00 netfd=c00007c780 fd=8 "
+    "true=100007f:58664-100007f:18443 model=100007f:58608-100007f:9443 owner=9049 via=1 http=1",
+]
+
+
+def test_model_lines_parse_into_tuples_and_caches(tmp_path: Path) -> None:
+    log = tmp_path / "tracer.log"
+    log.write_text("\n".join(LINES) + "\n")
+    trace = read_model_trace(log)
+    first, second = trace.writes
+    assert first.true == Tuple4("127.0.0.1", 58630, "127.0.0.1", 18443)
+    assert not first.stale and first.via == "socket"
+    assert second.stale and second.via == "fd"
+    assert str(second.model) == "127.0.0.1:58608->127.0.0.1:9443"
+    assert (trace.closes, trace.close_hits) == (1, 1)
+    assert trace.socket_closes[0][1:3] == (9049, 11)
+
+
+def test_a_repeated_entry_of_one_write_is_dropped() -> None:
+    """Go restarts a function whose prologue grew the stack: the entry probe fires twice."""
+    tup = Tuple4("127.0.0.1", 1, "127.0.0.1", 8443)
+    first = Write(1.0, 7, 8, "c0", "f0", 5, tup, tup, 7, "socket")
+    again = Write(1.002, 7, 8, "c0", "f0", 5, tup, tup, 7, "conn")
+    later = Write(2.0, 7, 8, "c0", "f0", 5, tup, tup, 7, "conn")  # a real second write
+    kept, repeats = drop_repeats([first, again, later])
+    assert kept == [first, later] and repeats == 1
+
+
+def _request(seq: int, port: int, conn: str, fd: int, start: float, server: int = 8443) -> dict:
+    return {"seq": seq, "pid": 7, "local_port": port, "remote": f"127.0.0.1:{server}",
+            "tls_conn": conn, "net_fd": f"f{conn}", "fd": fd, "start_mono": start,
+            "conn_id": f"7-{seq}"}  # fmt: skip
+
+
+def test_the_prediction_replays_each_key_over_the_client_logs() -> None:
+    """Connection A is dropped without Close; B gets A's tls.Conn address (and fd): the pointer
+    key answers B with A's tuple, a key with the netFD does not (B's netFD differs), and after
+    C's Close its address is free again."""
+    requests = [
+        _request(0, 40001, "c1", 5, 1.0),
+        {**_request(1, 40002, "c1", 5, 2.0), "net_fd": "fnew"},  # A's address, a new netFD
+        _request(2, 40003, "c2", 6, 3.0),
+        _request(3, 40004, "c2", 6, 5.0),
+    ]
+    closes = [{"event": "close", "pid": 7, "tls_conn": "c2", "mono": 4.0}]
+    sockets = [(1.5, 7, 5, Tuple4("127.0.0.1", 40001, "127.0.0.1", 8443), True)]
+    pointer = predict("pointer", False, requests, closes, [])
+    assert (pointer["stale"], pointer["reused_addresses"]) == (1, 1)
+    assert predict("pointer-fd", False, requests, closes, [])["stale"] == 0
+    assert predict("pid-pointer", False, requests, closes, [])["stale"] == 1
+    # The (pid, fd) cache: fd numbers 5 and 6 are each used twice; only fd 5's socket close
+    # (in its own process) deletes its entry, so only request 3 gets an old tuple.
+    fd_only = [{**r, "tls_conn": f"u{r['seq']}"} for r in requests]
+    assert predict("pointer", True, fd_only, [], [])["stale_fd"] == 2
+    assert predict("pointer", True, fd_only, [], sockets)["stale_fd"] == 1
+
+
+def test_rates_carry_their_count_and_an_exact_interval() -> None:
+    assert rate(0, 132_659)["text"] == "0 of 132,659: < 2.3e-5"
+    r = rate(23, 2776)
+    assert r["count"] == 23 and r["of"] == 2776
+    low, high = r["ci95"]
+    assert low < 23 / 2776 < high and low > 0.005 and high < 0.013
+    assert rate(0, 0)["rate"] is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [("usm-model", ("pointer", True)), ("usm-model:pointer-fd", ("pointer-fd", True)),
+     ("usm-model:pid-pointer:read-socket", ("pid-pointer", False))],
+)  # fmt: skip
+def test_model_specs(spec: str, expected: tuple[str, bool]) -> None:
+    assert parse_model_spec(spec) == expected
+
+
+@pytest.mark.parametrize("spec", ["usm-model:nope", "usm-model:pointer:x", "usm-modelx"])
+def test_bad_model_specs_are_usage_errors(spec: str) -> None:
+    with pytest.raises(UsageError):
+        parse_model_spec(spec)
+
+
+def model_run(tmp_path: Path, key: str, *extra: str) -> tuple[int, dict, str]:
+    done = run_usmlab(
+        "test", "churn", "--target", "local", "--tracer", f"usm-model:{key}",
+        "--runs-dir", str(tmp_path / key), "--state-dir", str(tmp_path / "state"),
+        "--servers", f"{free_port()},{free_port()}", *extra, timeout=300,
+    )  # fmt: skip
+    report = json.loads((only_run_dir(tmp_path / key) / "report.json").read_text())
+    return done.returncode, report, done.stderr
+
+
+@needs_tracer
+def test_dropped_connections_meet_address_reuse_and_the_model_agrees_with_the_prediction(
+    tmp_path: Path,
+) -> None:
+    """A client that closes nothing and forces GC: the runtime hands dropped tls.Conn addresses
+    to new connections while the pointer-keyed entry is alive. The model's stale tuples equal
+    the prediction from the client logs, for every key (whatever it is for the fixed keys)."""
+    traffic = ("--count", "120", "--close-nothing", "--gc-every", "5", "--skip-close", "0")
+    stale = {}
+    for key in ("pointer", "pointer-fd", "pid-pointer"):
+        code, report, err = model_run(tmp_path, key, *traffic)
+        model = report["model"]
+        assert model["agree"], model.get("finding")
+        assert model["stale_observed"]["count"] == model["stale_predicted"]["count"]
+        assert model["writes"] == 120
+        stale[key] = model["requests"]["stale_tuple"]["count"]
+        assert code == (1 if stale[key] else 0), err
+    assert stale["pointer"] > 0  # the theory, reproduced on real Go runtime memory
+    assert stale["pointer-fd"] < stale["pointer"]
+
+
+@needs_tracer
+def test_churn_as_it_reproduced_in_the_field_is_judged_by_the_model(tmp_path: Path) -> None:
+    code, report, err = model_run(tmp_path, "pointer", "--count", "200")
+    model = report["model"]
+    assert model["agree"], model.get("finding")
+    assert model["requests"]["judged"] == 200
+    assert model["closes"] > 0  # net/http closes what it can
+    assert code in (0, 1), err
