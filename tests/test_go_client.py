@@ -30,8 +30,8 @@ from usmlab.certs import LabCerts, ensure_certs
 from usmlab.errors import UsmlabError
 from usmlab.kit.probe import mapped_libraries
 from usmlab.manifest import run_tag
-from usmlab.run import go_client as go_build
-from usmlab.run.go_client import GoBuild, GoBuildError, build_go_client, find_go
+from usmlab.run import go_build
+from usmlab.run.go_build import GoBuild, GoBuildError, build_go_client, find_go
 from usmlab.scenarios import DEFAULT_PATHS as SCENARIO_DEFAULT_PATHS
 from usmlab.targets.local import LocalTarget
 from usmlab.tracers.bpftrace import STRLEN_ENV

@@ -89,6 +89,7 @@ def _is_loopback(host: str) -> bool:
 
 
 CLIENT_KINDS = ("python", "go")
+SERVER_KINDS = ("python", "go")
 RESTART_KINDS = ("client", "server", "both")
 GO_ONLY = ("transport_per_request", "skip_close", "gc_every", "http2", "close_nothing")
 
@@ -109,6 +110,7 @@ class Params:
     connection: str = "new"
     paths: tuple[str, ...] = DEFAULT_PATHS
     client: str = "python"
+    server: str = "python"  # the server workload: server.py, or the Go server (kit/go_server)
     servers: tuple[int, ...] = ()  # ports; empty: the URL's port
     clients: int = 1  # client processes, each with its own paths
     transport_per_request: bool = False  # Go: a new http.Transport per request
@@ -142,6 +144,8 @@ class Params:
             raise UsageError(f"connection must be 'new' or 'reuse', got {self.connection!r}")
         if self.client not in CLIENT_KINDS:
             raise UsageError(f"client must be python or go, got {self.client!r}")
+        if self.server not in SERVER_KINDS:
+            raise UsageError(f"server must be python or go, got {self.server!r}")
         if any(not 0 < p < 65536 for p in self.servers) or len(set(self.servers)) != len(
             self.servers
         ):

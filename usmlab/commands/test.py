@@ -62,6 +62,7 @@ def test_cmd(
         str | None, typer.Option(help="Comma-separated request paths; {port} = server port.")
     ] = None,
     client: Annotated[str | None, typer.Option(help="Client workload: python or go.")] = None,
+    server: Annotated[str | None, typer.Option(help="Server workload: python or go.")] = None,
     servers: Annotated[
         str | None, typer.Option(help="Server ports, e.g. 8443,9443 (one server each).")
     ] = None,
@@ -113,6 +114,7 @@ def test_cmd(
         connection=connection,
         paths=None if paths is None else parse_paths(paths),
         client=client,
+        server=server,
         servers=None if servers is None else parse_ports(servers),
         clients=clients,
         transport_per_request=transport_per_request,

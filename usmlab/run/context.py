@@ -187,6 +187,10 @@ class Feature:
     def client_flags(self, ctx: RunContext, name: str, flags: list[str]) -> list[str]:
         return flags
 
+    def server_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
+        """argv of the server program before its flags (default: server.py)."""
+        return argv
+
     def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
         """argv of the client program before its flags (default: the Python client)."""
         return argv
@@ -227,6 +231,7 @@ class RunContext:
     features: list[Feature] = field(default_factory=list)
     server_ports: list[int] = field(default_factory=list)
     go_client: str | None = None
+    go_server: str | None = None
     # Filled as processes start.
     registry: ProcessRegistry = field(default_factory=ProcessRegistry)
     capture: TracePipeCapture | None = None

@@ -36,7 +36,7 @@ class GoClient(Feature):
     """The Go crypto/tls client, built on the target (kit/go_client/)."""
 
     def plan(self, ctx: RunContext) -> None:
-        from usmlab.run.go_client import build_go_client
+        from usmlab.run.go_build import build_go_client
 
         ctx.progress("client: building the Go client on the target")
         build = build_go_client(ctx.target, ctx.kit_dir, ctx.kit("goclient"))
@@ -50,6 +50,22 @@ class GoClient(Feature):
     def client_flags(self, ctx: RunContext, name: str, flags: list[str]) -> list[str]:
         # Its connections' addresses and tls.Conn closes: the model's independent check.
         return [*flags, "--conn-log", ctx.remote(conn_log_name(name))]
+
+
+class GoServer(Feature):
+    """The Go server (kit/go_server), built on the target: the repro's servers were Go's."""
+
+    def plan(self, ctx: RunContext) -> None:
+        from usmlab.run.go_build import build_go_server
+
+        ctx.progress("server: building the Go server on the target")
+        build = build_go_server(ctx.target, ctx.kit_dir, ctx.kit("goserver"))
+        ctx.go_server = build["path"]
+        ctx.manifest["go_server"] = dict(build)
+
+    def server_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
+        assert ctx.go_server is not None
+        return [ctx.go_server]
 
 
 class SeveralClients(Feature):
@@ -140,6 +156,7 @@ class Restart(Feature):
 FEATURES: tuple[tuple[Callable[[Params], bool], Callable[[], Feature]], ...] = (
     (lambda p: p.ephemeral_server, EphemeralPortServer),
     (lambda p: p.client == "go", GoClient),
+    (lambda p: p.server == "go", GoServer),
     (lambda p: p.clients > 1, SeveralClients),
     (lambda p: p.nat_vip is not None, Nat),
     (lambda p: p.preexisting > 0, Preexisting),

@@ -146,7 +146,7 @@ def start_observers(ctx: RunContext) -> None:
             kit_dir=ctx.kit_dir,
             facts=ctx.facts.raw,
             env=ctx.env("tracer", "tracer"),
-            go_binaries=[ctx.go_client] if ctx.go_client else [],
+            go_binaries=[b for b in (ctx.go_client, ctx.go_server) if b],
             binary=ctx.usm_debugger,
         )
         # A tracer that prints at each probe hit has nothing more to say about the lab once
@@ -232,12 +232,15 @@ def start_servers(ctx: RunContext) -> None:
 
 def start_server(ctx: RunContext, name: str, port: int) -> BackgroundProcess:
     target, params = ctx.target, ctx.params
-    argv = ctx.kit_script(
-        name, "server", "server.py",
+    program = target.python(ctx.kit("server.py"))
+    for feature in ctx.features:
+        program = feature.server_program(ctx, program)
+    flags = [
         "--host", params.host, "--port", str(port), "--name", name,
         "--cert", ctx.kit("server.pem"), "--key", ctx.kit("server.key"),
         "--log", ctx.remote(f"{name}.jsonl"),
-    )  # fmt: skip
+    ]  # fmt: skip
+    argv = ctx.with_env(name, "server", [*program, *flags])
     server = ctx.start(argv, name=name, role="server", port=port)
     _wait_listening(ctx, server)
     url = url_of(params.host, port)

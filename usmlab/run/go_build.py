@@ -1,6 +1,6 @@
-"""Build the Go crypto/tls client on the target, with the target's own Go toolchain.
+"""Build the Go workloads (kit/go_client, kit/go_server) on the target, with its own Go toolchain.
 
-The client must run, and be probed, where the traffic is, and a binary built elsewhere may not
+A workload must run, and be probed, where the traffic is, and a binary built elsewhere may not
 match the target's architecture. Go is often not on PATH in a non-interactive SSH command (it was
 installed with gimme under the user's home, docs/tracers.md), so it is looked up in a login shell
 first, then in the usual install folders. A failed build is shown verbatim, never summarised.
@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import re
 import shlex
+from pathlib import Path
 from typing import TypedDict
 
 from usmlab.arch import AMD64, ARM64
 from usmlab.errors import UsmlabError
-from usmlab.kit import GO_CLIENT_DIR
+from usmlab.kit import GO_CLIENT_DIR, GO_SERVER_DIR
 from usmlab.targets.base import Target
 
 SOURCE_DIR = GO_CLIENT_DIR
@@ -90,8 +91,20 @@ def _go_version(target: Target, go: str) -> tuple[str, str]:
 
 def build_go_client(target: Target, kit_dir: str, out_path: str) -> GoBuild:
     """Upload the client's sources under kit_dir and `go build` them into out_path."""
-    src_dir = target.join(kit_dir, "go_client")
-    target.sync({name: SOURCE_DIR / name for name in SOURCE_FILES}, src_dir)
+    return build_go_program(target, kit_dir, SOURCE_DIR, "go_client", out_path)
+
+
+def build_go_server(target: Target, kit_dir: str, out_path: str) -> GoBuild:
+    """The Go server (kit/go_server), built the same way."""
+    return build_go_program(target, kit_dir, GO_SERVER_DIR, "go_server", out_path)
+
+
+def build_go_program(
+    target: Target, kit_dir: str, source: Path, name: str, out_path: str
+) -> GoBuild:
+    """Upload a Go program's sources to kit_dir/name and `go build` them into out_path."""
+    src_dir = target.join(kit_dir, name)
+    target.sync({f: source / f for f in SOURCE_FILES}, src_dir)
     go = find_go(target)
     version, goarch = _go_version(target, go)
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in BUILD_ENV.items())
@@ -102,6 +115,7 @@ def build_go_client(target: Target, kit_dir: str, out_path: str) -> GoBuild:
     code, stdout, stderr = _login_shell(target, script, timeout=BUILD_TIMEOUT_S)
     if code != 0:
         output = (stdout + stderr).rstrip() or f"exit status {code}"
-        raise GoBuildError(f"go build of the Go client failed on the target:\n{output}")
+        what = name.replace("go_", "Go ")
+        raise GoBuildError(f"go build of the {what} failed on the target:\n{output}")
     digest = target.run(["sha256sum", "--", out_path]).stdout.split()[0]
     return GoBuild(go_version=version, goarch=goarch, sha256=digest, path=out_path)

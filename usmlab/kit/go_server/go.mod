@@ -1,0 +1,3 @@
+module usmlab/goserver
+
+go 1.19
