@@ -42,6 +42,8 @@ SERVER_PY = Path(__file__).resolve().parents[1] / "usmlab" / "kit" / "server.py"
 CLIENT_FIELDS = [
     "seq", "pid", "tid", "local_addr", "local_port", "remote", "method", "path", "status",
     "error", "scheduled_mono", "start_mono", "end_mono", "start_wall", "end_wall", "conn_id",
+    # The Go client's own: the connection as USM's caches see it (docs/usm-model.md).
+    "tls_conn", "net_fd", "fd",
 ]  # fmt: skip
 DEFAULT_PATHS = list(SCENARIO_DEFAULT_PATHS)
 # Every line names the run whose tracer printed it (run_tag("test") for the program below).
@@ -198,6 +200,7 @@ def test_each_request_is_one_documented_line_matching_the_server(
         assert r["path"] == DEFAULT_PATHS[seq % len(DEFAULT_PATHS)]
         assert r["remote"] == f"127.0.0.1:{server.port}"
         assert r["local_addr"] == "127.0.0.1" and 0 < r["local_port"] < 65536
+        assert r["tls_conn"].startswith("0x") and r["net_fd"].startswith("0x") and r["fd"] > 2
         assert r["conn_id"].startswith(f"{pid}-")
         # Request k is due at t0 + k*interval, on the same clock as Python's time.monotonic().
         assert r["scheduled_mono"] == pytest.approx(t0 + seq * 0.02, abs=1e-6)
