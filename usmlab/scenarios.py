@@ -272,6 +272,28 @@ SCENARIOS: dict[str, Scenario] = {
             ),
         ),
         Scenario(
+            name="address-reuse",
+            goal="Does skipping Body.Close leave tls.Conn entries that a reused address meets?",
+            description=(
+                "The churn client against two servers with a share of bodies left unclosed "
+                "and GC every 10 requests; run it with --tracer usm-model[:KEY] and sweep the "
+                "share: --sweep skip_close=0,0.1,0.3,1. Reports, per setting, address reuse "
+                "while an entry was alive and stale tuples, beside the prediction from the "
+                "client logs (--close-nothing: connections dropped without Close at all)."
+            ),
+            params=Params(
+                count=2000,
+                interval=0.0,
+                concurrency=20,
+                client="go",
+                servers=(8443, 9443),
+                paths=IDENTIFY,
+                transport_per_request=True,
+                skip_close=0.3,
+                gc_every=10,
+            ),
+        ),
+        Scenario(
             name="restart",
             goal="Do process restarts mid-traffic leave stale attributions?",
             description=(

@@ -94,6 +94,10 @@ def test_cmd(
     state_dir: Annotated[
         Path | None, typer.Option(help="Where certificates are kept (default ~/.local/state).")
     ] = None,
+    sweep: Annotated[
+        str | None,
+        typer.Option(help="One run per value of a parameter, then a table: skip_close=0,0.3,1."),
+    ] = None,
 ) -> None:
     """Run a scenario on a target, collect every artifact and print the verdict."""
     from usmlab.manifest import check_runs_dir
@@ -144,9 +148,42 @@ def test_cmd(
         "sysprobe_socket": sysprobe_socket,
         "usm_debugger": usm_debugger,
     }
+    if sweep is not None:
+        _test_sweep(specs, chosen, params, sweep, identity, work_dir, options)
     if len(specs) > 1:
         _test_many(specs, chosen, params, identity, work_dir, options)
     _test_one(specs[0], chosen, params, identity, work_dir, options)
+
+
+def _test_sweep(
+    specs: list[str],
+    scenario: Any,
+    params: Any,
+    sweep: str,
+    identity: Path | None,
+    work_dir: str | None,
+    options: dict[str, Any],
+) -> None:
+    from usmlab.run.fleet import worst_exit
+    from usmlab.run.pipeline import LabRun
+    from usmlab.run.sweep import parse_sweep, run_sweep, sweep_params, sweep_table
+    from usmlab.targets import open_target
+
+    if len(specs) > 1:
+        raise UsageError("--sweep runs on one target: give one --target")
+    field, values = parse_sweep(sweep)
+    settings = sweep_params(params, field, values)  # every setting checked before any run
+    lab_target = open_target(specs[0], identity, work_dir)
+    try:
+        points = run_sweep(
+            lambda p: LabRun(lab_target, scenario, p, progress=say, **options), settings, field
+        )
+    finally:
+        lab_target.close()
+    for point in points:
+        print(point.result.run_dir)
+    print(sweep_table(field, points))
+    raise typer.Exit(worst_exit([p.result.exit_code for p in points]))
 
 
 def _test_one(
