@@ -380,3 +380,24 @@ def test_a_runs_dir_that_cannot_hold_runs_is_a_usage_error(tmp_path, kind):
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and str(runs) in lines[0], done.stderr
     assert "internal error" not in done.stderr
+
+
+def test_a_sweep_makes_one_run_per_setting_and_a_table(tmp_path):
+    done = run_usmlab(
+        "test", "scenario1",
+        *lab_args(tmp_path, "--tracer", "none", "--count", "3", "--interval", "0",
+                  "--sweep", "concurrency=1,3"),
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    runs = sorted(p for p in (tmp_path / "runs").iterdir() if p.is_dir())
+    assert len(runs) == 2
+    settings = [
+        json.loads((r / "manifest.json").read_text())["parameters"]["concurrency"] for r in runs
+    ]
+    assert settings == [1, 3]
+    table = done.stdout.splitlines()[-3:]
+    assert (
+        table[0].startswith("concurrency")
+        and table[1].startswith("1 ")
+        and table[2].startswith("3 ")
+    )

@@ -114,3 +114,28 @@ def test_every_scenario_states_its_hypothesis_and_is_valid():
         scenario.params.validate()
     assert SCENARIOS["churn"].params.ports == (8443, 9443)
     assert SCENARIOS["churn"].params.client == "go"
+
+
+def test_a_sweep_names_a_parameter_and_converts_each_value():
+    from usmlab.run.sweep import parse_sweep
+
+    assert parse_sweep("skip-close=0,0.1,1") == ("skip_close", [0.0, 0.1, 1.0])
+    assert parse_sweep("gc_every=0,10") == ("gc_every", [0, 10])
+    assert parse_sweep("close_nothing=false,true") == ("close_nothing", [False, True])
+    assert parse_sweep("interval=10ms,1s") == ("interval", [0.01, 1.0])
+
+
+@pytest.mark.parametrize("text", ["nope=1,2", "skip_close", "skip_close=0.1", "gc_every=a,b"])
+def test_a_bad_sweep_is_a_usage_error(text):
+    from usmlab.run.sweep import parse_sweep
+
+    with pytest.raises(UsageError):
+        parse_sweep(text)
+
+
+def test_every_setting_of_a_sweep_is_checked_before_any_run():
+    from usmlab.run.sweep import sweep_params
+
+    params = get_scenario("address-reuse").params
+    with pytest.raises(UsageError, match="skip-close must be between 0 and 1"):
+        sweep_params(params, "skip_close", [0.0, 2.0])
