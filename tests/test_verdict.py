@@ -583,3 +583,54 @@ def test_reports_are_written_and_summarised(lab: Lab) -> None:
     table = render_table(report)
     assert len(table.splitlines()) <= 15
     assert "misattribution" in table and "7777" in table
+
+
+def tuple_line(direction: str, ts: float, pid: int, tid: int, sport: int, dport: int) -> str:
+    loopback = "100007f"  # 127.0.0.1 as the kernel's __be32, printed as a number
+    return (
+        f"usmlab-tuple {direction} ts={int(ts * 1e9)} pid={pid} tid={tid} fd=5 "
+        f"true={loopback}:{sport}-{loopback}:{dport}"
+    )
+
+
+def test_a_capture_on_another_connection_is_a_wrong_tuple(lab: Lab) -> None:
+    """Every capture's connection, read from its socket, must be one its process's request was
+    using then: a client write on a connection no request explains is misattributed."""
+    reqs = [lab.request(seq) for seq in range(3)]
+    for req in reqs:
+        lab.serve(req)
+        lab.captured(req)
+    lines = [
+        tuple_line("write", r["start_mono"] + 0.001, CLIENT, CLIENT_TID, r["local_port"], 8443)
+        for r in reqs[:2]
+    ]
+    # The third write's capture names another connection (a port no request used).
+    lines.append(
+        tuple_line("write", reqs[2]["start_mono"] + 0.001, CLIENT, CLIENT_TID, 55555, 8443)
+    )
+    run_dir = lab.write()
+    (run_dir / "tracer.log").write_text("USMLAB_TRACER_ATTACHED 1\n" + "\n".join(lines) + "\n")
+    report = analyze_run(run_dir)
+    assert report.tuples is not None
+    assert report.tuples["wrong_tuple"]["count"] == 1
+    assert report.tuples["wrong_tuple"]["of"] == 3
+    assert report.tuples["not_seen"] == 1 and report.tuples["requests_seen"] == 2
+    assert report.tuples["examples"][0]["tuple"] == "127.0.0.1:55555->127.0.0.1:8443"
+    assert report.outcome == "misattribution"
+    assert exit_status(report) == 1
+
+
+def test_captures_on_their_own_connections_leave_the_verdict_as_it_was(lab: Lab) -> None:
+    reqs = [lab.request(seq) for seq in range(2)]
+    for req in reqs:
+        lab.serve(req)
+        lab.captured(req)
+    lines = [
+        tuple_line("write", r["start_mono"] + 0.001, CLIENT, CLIENT_TID, r["local_port"], 8443)
+        for r in reqs
+    ]
+    run_dir = lab.write()
+    (run_dir / "tracer.log").write_text("\n".join(lines) + "\n")
+    report = analyze_run(run_dir)
+    assert report.outcome == "capture-works"
+    assert report.tuples["wrong_tuple"]["text"] == "0 of 2: < 0.78"

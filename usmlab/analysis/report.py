@@ -64,6 +64,7 @@ class Report:
     server_records_unmatched: int = 0
     other_tracer_lines: int = 0
     model: dict[str, Any] | None = None  # --tracer usm-model: the model's caches, judged
+    tuples: dict[str, Any] | None = None  # built-in tracer: each capture's connection, checked
     schema_version: int = SCHEMA_VERSION
     system_probe: dict[str, Any] | None = None  # --tracer system-probe: its stats, judged
 
@@ -204,6 +205,13 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
             verdict.outcome = "capture-works"
     if not trace.exists() and tracer != "none":
         verdict.hints.insert(0, "no trace_pipe.log in the run folder: the capture did not run")
+    from usmlab.analysis.tuples import tuples_section
+
+    tuples = tuples_section(run_dir, requests)
+    if tuples is not None and tuples["wrong_tuple"]["count"] and verdict.outcome != "no-captures":
+        # A capture that names a connection none of its process's requests used.
+        verdict.outcome = "misattribution"
+        verdict.requests["misattributed_tuple"] = tuples["wrong_tuple"]["count"]
     model = None
     if isinstance(tracer, str) and tracer.startswith("usm-model"):
         from usmlab.analysis.model import model_section
@@ -227,6 +235,7 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     report = _build(verdict, ctx, source)
     report.system_probe = system_probe
     report.model = model
+    report.tuples = tuples
     return report
 
 
@@ -326,6 +335,12 @@ def render_table(report: Report) -> str:
         lines.append(
             f"  first wrong    seq {first['seq']} {first['path']} -> pid {first['pid']} "
             f"tid {first['tid']} {first['comm']}"
+        )
+    if report.tuples is not None:
+        t = report.tuples
+        lines.append(
+            f"tuples           wrong-tuple {t['wrong_tuple']['text']}; requests without a "
+            f"tuple {t['not_seen']}"
         )
     if report.model is not None:
         m = report.model

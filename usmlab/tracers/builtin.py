@@ -19,6 +19,8 @@ from usmlab.tracers.bpftrace import ATTACHED_MARK, LINE_MAX, STRLEN_ENV, render_
 from usmlab.tracers.go_tls import check_go_binary, render_go_probes
 
 SSL_FUNCTIONS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex")
+# Where an SSL object gets its socket: the fd whose socket each capture's tuple is read from.
+SET_FD = "SSL_set_fd"
 PROGRAM_NAME = "tracer.bt"
 
 
@@ -30,11 +32,13 @@ def render_program(run_id: str, functions: dict[str, list[str]], line_max: int =
     )  # fmt: skip
 
 
-def exported_functions(target: Target, library: str) -> list[str]:
-    """Which of the probed SSL functions `library` exports, as bpftrace itself lists them."""
+def exported_functions(
+    target: Target, library: str, wanted: tuple[str, ...] = SSL_FUNCTIONS
+) -> list[str]:
+    """Which of the `wanted` SSL functions `library` exports, as bpftrace itself lists them."""
     listing = target.run(["bpftrace", "-l", f"uprobe:{library}:SSL_*"], sudo=True, check=False)
     names = set(re.findall(r":(SSL_\w+)\s*$", listing.stdout, flags=re.MULTILINE))
-    return [f for f in SSL_FUNCTIONS if f in names]
+    return [f for f in wanted if f in names]
 
 
 class BuiltinTracer(Tracer):
@@ -55,12 +59,12 @@ class BuiltinTracer(Tracer):
             raise UsmlabError("no libssl found in the target's python3 process maps")
         known = ctx.facts.get("libssl_functions") or {}
         functions = {
-            lib: [f for f in SSL_FUNCTIONS if f in known[lib]]
+            lib: [f for f in (*SSL_FUNCTIONS, SET_FD) if f in known[lib]]
             if isinstance(known.get(lib), list)
-            else exported_functions(target, lib)  # the probe could not read it as ELF
+            else exported_functions(target, lib, (*SSL_FUNCTIONS, SET_FD))  # not readable ELF
             for lib in libraries
         }
-        functions = {lib: names for lib, names in functions.items() if names}
+        functions = {lib: names for lib, names in functions.items() if set(names) - {SET_FD}}
         if not functions:
             raise UsmlabError(f"none of {', '.join(SSL_FUNCTIONS)} found in {libraries[0]}")
         program = render_program(ctx.run_id, functions) + self.go_probes(ctx, target)

@@ -1,0 +1,79 @@
+"""report.json `tuples`: every capture's connection, checked against the workloads' own record.
+
+With each request line it prints, the built-in tracer prints the connection the write or read
+went to, read from the socket itself (tracer.log `usmlab-tuple`; docs/formats.md). A client
+write must go to the connection of a request that process had open at that moment (the
+client's local port and the server's port, from client.jsonl); a server read to the
+connection of a request it served (server.jsonl's peer port). A capture whose connection no
+such request explains names another connection: a `wrong-tuple` misattribution, per server
+port and overall. Requests with no tuple line at all are counted (`not_seen`), never guessed.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from usmlab.analysis.model import Tuple4
+from usmlab.analysis.rates import rate
+from usmlab.analysis.verdict import Request
+
+_LINE = re.compile(r"usmlab-tuple (write|read) ts=(\d+) pid=(\d+) tid=(\d+) fd=(-?\d+) true=(\S+)")
+SLACK = 0.05  # seconds around a request's start and end
+
+
+def read_tuples(path: Path) -> list[tuple[str, float, int, Tuple4]]:
+    """(direction, seconds, pid, tuple) of each tuple line."""
+    found = []
+    if not path.exists():
+        return found
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for line in handle:
+            match = _LINE.match(line)
+            if match is not None:
+                direction, ts, pid, _, _, tup = match.groups()
+                found.append((direction, int(ts) / 1e9, int(pid), Tuple4.parse(tup)))
+    return found
+
+
+def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | None:
+    """report.json `tuples`, or None when the tracer printed none (not the built-in one)."""
+    lines = read_tuples(run_dir / "tracer.log")
+    if not lines:
+        return None
+    client_pids = {r.pid for r in requests if r.pid is not None}
+    # A client's request: (pid, local port, server port) -> [(from, to, index)].
+    windows: dict[tuple[int | None, int, int | None], list[tuple[float, float, int]]] = {}
+    for i, r in enumerate(requests):
+        if r.local_port is not None:
+            key = (r.pid, r.local_port, r.remote_port)
+            windows.setdefault(key, []).append((r.start - SLACK, r.end + SLACK, i))
+    writes = wrong = 0
+    seen: set[int] = set()
+    per_server: dict[int, dict[str, int]] = {}
+    examples: list[dict[str, Any]] = []
+    for direction, ts, pid, tup in lines:
+        if direction != "write" or pid not in client_pids:
+            continue
+        writes += 1
+        row = per_server.setdefault(tup.dport, {"writes": 0, "wrong_tuple": 0})
+        row["writes"] += 1
+        candidates = windows.get((pid, tup.sport, tup.dport), ())
+        match = next((i for start, end, i in candidates if start <= ts <= end), None)
+        if match is not None:
+            seen.add(match)
+            continue
+        wrong += 1
+        row["wrong_tuple"] += 1
+        if len(examples) < 20:
+            examples.append({"ts": ts, "pid": pid, "tuple": str(tup), "reason": "wrong-tuple"})
+    connected = sum(1 for r in requests if r.local_port is not None)
+    return {
+        "client_writes": writes,
+        "wrong_tuple": rate(wrong, writes),
+        "requests_seen": len(seen),
+        "not_seen": connected - len(seen),
+        "per_server": {str(port): row for port, row in sorted(per_server.items())},
+        "examples": examples,
+    }
