@@ -339,8 +339,8 @@ def render_table(report: Report) -> str:
     if report.tuples is not None:
         t = report.tuples
         lines.append(
-            f"tuples           wrong-tuple {t['wrong_tuple']['text']}; requests without a "
-            f"tuple {t['not_seen']}"
+            f"tuples           {t['wrong_tuple']['count']} of {t['client_writes']} client writes "
+            f"on a connection no request used; requests without a tuple {t['not_seen']}"
         )
     if report.model is not None:
         m = report.model

@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 from usmlab.analysis.model import Tuple4
-from usmlab.analysis.rates import rate
 from usmlab.analysis.verdict import Request
 
 _LINE = re.compile(r"usmlab-tuple (write|read) ts=(\d+) pid=(\d+) tid=(\d+) fd=(-?\d+) true=(\S+)")
@@ -71,7 +70,8 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
     connected = sum(1 for r in requests if r.local_port is not None)
     return {
         "client_writes": writes,
-        "wrong_tuple": rate(wrong, writes),
+        # Counts only: a default run should not pay for scipy's import (rates: analysis/rates.py).
+        "wrong_tuple": {"count": wrong, "of": writes},
         "requests_seen": len(seen),
         "not_seen": connected - len(seen),
         "per_server": {str(port): row for port, row in sorted(per_server.items())},
