@@ -294,6 +294,28 @@ SCENARIOS: dict[str, Scenario] = {
             ),
         ),
         Scenario(
+            name="cross-process",
+            goal="Are one Go client's requests recorded against another process's connection?",
+            description=(
+                "The production pattern: three identical Go churn clients side by side on one "
+                "node. Go heaps start at fixed addresses, so identical processes allocate their "
+                "tls.Conn (and netFD) at the same addresses; a cache key without the pid meets "
+                "another process's live entry. Run it with --tracer usm-model[:KEY]: "
+                "cross_process_collisions, per key."
+            ),
+            params=Params(
+                count=1000,
+                interval=0.0,
+                concurrency=10,
+                client="go",
+                clients=3,
+                servers=(8443, 9443),
+                transport_per_request=True,
+                skip_close=0.2,
+                gc_every=50,
+            ),
+        ),
+        Scenario(
             name="restart",
             goal="Do process restarts mid-traffic leave stale attributions?",
             description=(
