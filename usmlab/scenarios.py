@@ -229,6 +229,18 @@ class Scenario:
 
 
 IDENTIFY = ("/server{port}/identify",)
+# The Go churn that reproduced the bug in the field: two servers, a new transport per request.
+CHURN = Params(
+    count=2000,
+    interval=0.0,
+    concurrency=20,
+    client="go",
+    servers=(8443, 9443),
+    paths=IDENTIFY,
+    transport_per_request=True,
+    skip_close=0.2,
+    gc_every=50,
+)
 
 SCENARIOS: dict[str, Scenario] = {
     s.name: s
@@ -259,17 +271,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "request, 20 workers, 20% of bodies left unclosed, GC every 50 requests, two "
                 "servers (8443, 9443) each answering a path that names it."
             ),
-            params=Params(
-                count=2000,
-                interval=0.0,
-                concurrency=20,
-                client="go",
-                servers=(8443, 9443),
-                paths=IDENTIFY,
-                transport_per_request=True,
-                skip_close=0.2,
-                gc_every=50,
-            ),
+            params=CHURN,
         ),
         Scenario(
             name="address-reuse",
@@ -281,17 +283,7 @@ SCENARIOS: dict[str, Scenario] = {
                 "while an entry was alive and stale tuples, beside the prediction from the "
                 "client logs (--close-nothing: connections dropped without Close at all)."
             ),
-            params=Params(
-                count=2000,
-                interval=0.0,
-                concurrency=20,
-                client="go",
-                servers=(8443, 9443),
-                paths=IDENTIFY,
-                transport_per_request=True,
-                skip_close=0.3,
-                gc_every=10,
-            ),
+            params=dataclasses.replace(CHURN, skip_close=0.3, gc_every=10),
         ),
         Scenario(
             name="cross-process",
@@ -303,16 +295,8 @@ SCENARIOS: dict[str, Scenario] = {
                 "another process's live entry. Run it with --tracer usm-model[:KEY]: "
                 "cross_process_collisions, per key."
             ),
-            params=Params(
-                count=1000,
-                interval=0.0,
-                concurrency=10,
-                client="go",
-                clients=3,
-                servers=(8443, 9443),
-                transport_per_request=True,
-                skip_close=0.2,
-                gc_every=50,
+            params=dataclasses.replace(
+                CHURN, count=1000, concurrency=10, clients=3, paths=DEFAULT_PATHS
             ),
         ),
         Scenario(

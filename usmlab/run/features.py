@@ -32,16 +32,23 @@ class EphemeralPortServer(Feature):
         ctx.progress(f"server: port {ctx.server_ports[0]} is inside the ephemeral port range")
 
 
+def _build_go(ctx: RunContext, role: str) -> str:
+    """Build the Go client or server on the target; the manifest records what was built."""
+    from usmlab.kit import GO_CLIENT_DIR, GO_SERVER_DIR
+    from usmlab.run.go_build import build_go_program
+
+    ctx.progress(f"{role}: building the Go {role} on the target")
+    source = GO_CLIENT_DIR if role == "client" else GO_SERVER_DIR
+    build = build_go_program(ctx.target, ctx.kit_dir, source, f"go_{role}", ctx.kit(f"go{role}"))
+    ctx.manifest[f"go_{role}"] = dict(build)
+    return build["path"]
+
+
 class GoClient(Feature):
     """The Go crypto/tls client, built on the target (kit/go_client/)."""
 
     def plan(self, ctx: RunContext) -> None:
-        from usmlab.run.go_build import build_go_client
-
-        ctx.progress("client: building the Go client on the target")
-        build = build_go_client(ctx.target, ctx.kit_dir, ctx.kit("goclient"))
-        ctx.go_client = build["path"]
-        ctx.manifest["go_client"] = dict(build)
+        ctx.go_client = _build_go(ctx, "client")
 
     def client_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
         assert ctx.go_client is not None
@@ -56,12 +63,7 @@ class GoServer(Feature):
     """The Go server (kit/go_server), built on the target: the repro's servers were Go's."""
 
     def plan(self, ctx: RunContext) -> None:
-        from usmlab.run.go_build import build_go_server
-
-        ctx.progress("server: building the Go server on the target")
-        build = build_go_server(ctx.target, ctx.kit_dir, ctx.kit("goserver"))
-        ctx.go_server = build["path"]
-        ctx.manifest["go_server"] = dict(build)
+        ctx.go_server = _build_go(ctx, "server")
 
     def server_program(self, ctx: RunContext, argv: list[str]) -> list[str]:
         assert ctx.go_server is not None
