@@ -16,6 +16,7 @@ Set USMLAB_DOUBLE_FAIL="message" to make it fail at start like the real one does
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -23,6 +24,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+from pathlib import Path
 
 BANNER = "usm-debugger TEST DOUBLE (not the real tracer)"
 USAGE = (
@@ -151,6 +153,20 @@ def main(argv: list[str]) -> int:
         ]
     )
     say(f"loading BPF programs for {', '.join(libraries)}")
+    maps = None
+    config = os.environ.get("USMLAB_DOUBLE_MAPS")
+    if config:  # USM's tuple caches too (usm_maps_double.py), held by this process
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from usm_maps_double import MapsDouble
+
+        settings = json.loads(config)
+        maps = MapsDouble(
+            Path(settings["watch"]), conn_every=settings.get("conn_every", 0),
+            fd_every=settings.get("fd_every", 0),
+        ).start()  # fmt: skip
+        say(f"USM maps created; planted stale entries go to {maps.planted}")
+        with open(settings["planted_at"], "w") as note:
+            note.write(str(maps.planted))
     try:
         child = subprocess.Popen(
             [bpftrace, program],
@@ -170,6 +186,8 @@ def main(argv: list[str]) -> int:
         code = child.wait()
     finally:
         os.unlink(program)
+        if maps is not None:
+            maps.stop()
     if not stopping:
         return fail(f"usm-debugger TEST DOUBLE: its bpftrace exited with status {code}")
     name = signal.Signals(stopping[0]).name

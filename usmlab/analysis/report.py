@@ -26,8 +26,10 @@ from usmlab.analysis.runfiles import (
     tracer_errors,
 )
 from usmlab.analysis.threads import ThreadMap
+from usmlab.analysis.usm_maps import MAPS
 from usmlab.analysis.verdict import LabContext, Verdict, correlate
 from usmlab.analysis.verdict import exit_status as _outcome_status
+from usmlab.jsonlines import read_jsonl
 from usmlab.manifest import Manifest, run_tag
 
 _P = ParamSpec("_P")
@@ -65,6 +67,7 @@ class Report:
     other_tracer_lines: int = 0
     model: dict[str, Any] | None = None  # --tracer usm-model: the model's caches, judged
     tuples: dict[str, Any] | None = None  # built-in tracer: each capture's connection, checked
+    usm_maps: dict[str, Any] | None = None  # USM's own tuple caches, read while it ran
     schema_version: int = SCHEMA_VERSION
     system_probe: dict[str, Any] | None = None  # --tracer system-probe: its stats, judged
 
@@ -212,6 +215,18 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
         # A capture that names a connection none of its process's requests used.
         verdict.outcome = "misattribution"
         verdict.requests["misattributed_tuple"] = tuples["wrong_tuple"]["count"]
+    from usmlab.analysis.usm_maps import usm_maps_section
+
+    usm_maps = None
+    if (run_dir / "usm_maps.jsonl").exists():
+        raw = [r for log in client_logs for r in read_jsonl(log)]
+        usm_maps = usm_maps_section(run_dir / "usm_maps.jsonl", raw)
+    if usm_maps is not None:
+        stale_maps = sum(usm_maps[m]["stale_tuple"]["count"] for m in MAPS)
+        if stale_maps:
+            # USM's own cache held another connection's tuple for these requests.
+            verdict.outcome = "misattribution"
+            verdict.requests["misattributed_usm_maps"] = stale_maps
     model = None
     if isinstance(tracer, str) and tracer.startswith("usm-model"):
         from usmlab.analysis.model import model_section
@@ -236,6 +251,7 @@ def analyze_run(run_dir: Path, workers: int | None = None) -> Report:
     report.system_probe = system_probe
     report.model = model
     report.tuples = tuples
+    report.usm_maps = usm_maps
     return report
 
 
@@ -336,6 +352,13 @@ def render_table(report: Report) -> str:
             f"  first wrong    seq {first['seq']} {first['path']} -> pid {first['pid']} "
             f"tid {first['tid']} {first['comm']}"
         )
+    if report.usm_maps is not None:
+        u = report.usm_maps
+        for name in MAPS:
+            lines.append(
+                f"usm map {name[:15]:<15} stale {u[name]['stale_tuple']['text']}; "
+                f"not seen {u[name]['not_seen']} of {u['requests']} ({u['dumps']} dumps)"
+            )
     if report.tuples is not None:
         t = report.tuples
         lines.append(

@@ -32,7 +32,8 @@ Progress = Callable[[str], None]
 STOP_STAGES = ("client", "server", "sysprobe", "tracer", "capture", "nat", "marker")
 # The stage that stops each role ("sampler" watches threads: it stops with the tracers).
 ROLE_STAGE = {role: STOP_STAGES.index(role) for role in STOP_STAGES} | {
-    "sampler": STOP_STAGES.index("tracer")
+    "sampler": STOP_STAGES.index("tracer"),
+    "maps": STOP_STAGES.index("sysprobe"),  # USM's maps are read while the tracer holds them
 }
 
 
@@ -215,6 +216,7 @@ class RunContext:
     requested_tracer: str = "auto"
     usm_debugger: str | None = None
     sysprobe_socket: str | None = None
+    usm_maps_every_ms: int = 50
     abort: threading.Event = field(default_factory=threading.Event)
     # Known once the run folder exists.
     run_id: str = ""

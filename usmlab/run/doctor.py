@@ -65,8 +65,28 @@ def run_doctor(
     ]
     checks += _usm_debugger_checks(target, kit_dir, root, usm_debugger_path)
     checks.append(_trace_pipe_check(target, kit_dir, root))
+    checks.append(_usm_maps_check(target, kit_dir, root))
     checks += _server_checks(target, kit_dir, host, port, url)
     return checks
+
+
+def _usm_maps_check(target: Target, kit_dir: str, root: bool) -> Check:
+    """Can a run read USM's tuple caches (bpftool, and the maps of a running USM)?"""
+    name = "USM maps readable"
+    hint = "apt-get install bpftool; sudo bpftool map show | grep -E 'conn_tup|pid_fd'"
+    if not root:
+        return Check(name, None, "skipped: reading BPF maps needs root", hint)
+    script = target.join(kit_dir, "usm_maps.py")
+    done = target.run(target.python(script, "find"), sudo=True, check=False)
+    if done.exit_code == 0:
+        roles = sorted({json.loads(line)["role"] for line in done.stdout.splitlines() if line})
+        return Check(name, True, f"found {', '.join(roles)}")
+    if done.exit_code == 3:
+        return Check(
+            name, None, "bpftool works, no USM map is loaded (start usm-debugger or system-probe)"
+        )
+    tail = (done.stderr or done.stdout).strip().splitlines()
+    return Check(name, False, tail[-1] if tail else f"exit status {done.exit_code}", hint)
 
 
 def failed(checks: list[Check]) -> bool:

@@ -168,7 +168,21 @@ def start_observers(ctx: RunContext) -> None:
     ctx.start(sampler, name="sampler", role="sampler", sudo=tracer is not None)
     if ctx.tracer_name == "system-probe":
         _start_sysprobe_fetch(ctx)
+    if ctx.tracer_name in ("usm-debugger", "system-probe"):
+        _start_usm_maps(ctx)
     ctx.lap("observers")
+
+
+def _start_usm_maps(ctx: RunContext) -> None:
+    """Dump USM's tuple caches while the real tracer runs (kit/usm_maps.py): for usm-debugger
+    the maps its process holds, for system-probe the machine's. No bpftool: said, and skipped."""
+    tracers = ctx.registry.procs("tracer")
+    pids = ",".join(str(p.pid) for p in tracers)
+    argv = ctx.kit_script(
+        "usm-maps", "maps", "usm_maps.py", "dump", "--out", ctx.remote("usm_maps.jsonl"),
+        "--every", str(ctx.usm_maps_every_ms), *(["--pids", pids] if pids else []),
+    )  # fmt: skip
+    ctx.start(argv, name="usm-maps", role="maps", sudo=True)
 
 
 def _stop_capture(ctx: RunContext) -> None:
