@@ -121,3 +121,46 @@ def test_doctor_finds_usm_maps_when_they_are_loaded(tmp_path: Path) -> None:
         double.stop()
     maps_line = next(ln for ln in after.stdout.splitlines() if "USM maps readable" in ln)
     assert "PASS" in maps_line and "conn_tup_by_go_tls_conn" in maps_line
+
+
+@needs_bpftool
+def test_over_ssh_with_system_probe_the_machines_usm_maps_are_judged(
+    sshd_server, tmp_path: Path
+) -> None:
+    """system-probe already runs on a staging host: usmlab starts no tracer, fetches its stats
+    (the system-probe TEST DOUBLE serves them) and dumps the machine's USM maps (the maps TEST
+    DOUBLE holds them here, planted) over SSH; the planted requests, and only they, are stale."""
+    import tempfile
+
+    from sysprobe_double import SysprobeDouble
+    from usm_maps_double import MapsDouble
+
+    if os.geteuid() != 0:
+        pytest.skip("BPF maps need root")
+    work = tmp_path / "remote"
+    short = Path(tempfile.mkdtemp(prefix="usmsp-"))
+    maps = MapsDouble(work, conn_every=3).start()
+    try:
+        with SysprobeDouble(short) as double:
+            done = subprocess.run(
+                [sys.executable, "-m", "usmlab", "test", "churn", "--target", sshd_server.spec,
+                 "--identity", str(sshd_server.key_path), "--work-dir", str(work),
+                 "--tracer", "system-probe", "--sysprobe-socket", str(double.socket_path),
+                 "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
+                 "--servers", f"{free_port()},{free_port()}", "--count", "30",
+                 "--interval", "100ms", "--concurrency", "2", "--skip-close", "0",
+                 "--gc-every", "0"],
+                capture_output=True, text=True, timeout=300, check=False,
+            )  # fmt: skip
+    finally:
+        maps.stop()
+        shutil.rmtree(short, ignore_errors=True)
+    run_dir = only_run_dir(tmp_path / "runs")
+    report = json.loads((run_dir / "report.json").read_text())
+    planted = {json.loads(x)["conn_id"] for x in maps.planted.read_text().splitlines()}
+    conn = report["usm_maps"]["conn_tup_by_go_tls_conn"]
+    found = {e["conn_id"] for e in report["usm_maps"]["examples"]}
+    assert found <= planted and len(found) >= len(planted) - conn["not_seen"]
+    assert conn["stale_tuple"]["count"] == len(found) > 0
+    assert report["usm_maps"]["tuple_by_pid_fd"]["stale_tuple"]["count"] == 0
+    assert done.returncode == 1, done.stderr

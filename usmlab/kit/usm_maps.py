@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Read USM's connection-tuple caches from the kernel while the real tracer runs.
 
-Its controller half: usmlab/run/usm_maps.py; the layouts and what the analysis makes of them:
+Its controller half: usmlab/run/stages.py `_start_usm_maps`, judged in analysis/usm_maps.py; layouts:
 docs/usm-maps.md. Standard library plus `bpftool`, Python 3.8+.
 
     usm_maps.py find [--pids P,P]
