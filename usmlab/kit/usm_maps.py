@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Read USM's connection-tuple caches from the kernel while the real tracer runs.
 
-Its controller half: usmlab/run/stages.py `_start_usm_maps`, judged in analysis/usm_maps.py; layouts:
-docs/usm-maps.md. Standard library plus `bpftool`, Python 3.8+.
+Its controller half: usmlab/run/stages.py `_start_usm_maps`, judged in analysis/usm_maps.py;
+the layouts: docs/usm-maps.md. Standard library plus `bpftool`, Python 3.8+.
 
     usm_maps.py find [--pids P,P]
         one JSON line per USM map found: {"id", "name", "role", "key_size", "value_size"};
