@@ -4,6 +4,7 @@ listens, exits 98 on a port in use and stops cleanly on SIGTERM."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import signal
 import subprocess
@@ -111,3 +112,36 @@ def test_a_port_in_use_exits_98_in_one_line(go_server, certs, tmp_path) -> None:
     assert (
         second.stderr.strip() == f"ERROR: cannot listen on 127.0.0.1:{port}: address already in use"
     )
+
+
+@pytest.mark.parametrize(("machine", "elf_machine"), [("x86_64", 62), ("aarch64", 183)])
+def test_a_target_without_go_gets_binaries_built_here_for_its_architecture(
+    sshd_server, tmp_path, monkeypatch, machine, elf_machine
+) -> None:
+    """The lab's test box and bare staging hosts have no Go: the controller builds the
+    workload for the target's architecture (static) and uploads it."""
+    from usmlab.kit import GO_CLIENT_DIR
+    from usmlab.run import go_build
+    from usmlab.targets.ssh import SshTarget
+
+    real_find_go = go_build.find_go
+
+    def no_go_on_the_target(target):
+        if isinstance(target, SshTarget):
+            raise UsmlabError("Go is not installed on the target")
+        return real_find_go(target)
+
+    monkeypatch.setattr(go_build, "find_go", no_go_on_the_target)
+    target = SshTarget(sshd_server.spec, sshd_server.key_path, str(tmp_path / "remote"))
+    out = str(tmp_path / "remote" / "goclient")
+    try:
+        built = go_build.build_go_program(
+            target, str(tmp_path / "remote" / "kit"), GO_CLIENT_DIR, "go_client", out, machine
+        )
+    finally:
+        target.close()
+    assert built["built_on"] == "controller"
+    assert built["goarch"] == ("arm64" if machine == "aarch64" else "amd64")
+    header = Path(out).read_bytes()[:20]
+    assert header[:4] == b"\x7fELF" and int.from_bytes(header[18:20], "little") == elf_machine
+    assert built["sha256"] == hashlib.sha256(Path(out).read_bytes()).hexdigest()

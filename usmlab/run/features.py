@@ -37,9 +37,12 @@ def _build_go(ctx: RunContext, role: str) -> str:
     from usmlab.kit import GO_CLIENT_DIR, GO_SERVER_DIR
     from usmlab.run.go_build import build_go_program
 
-    ctx.progress(f"{role}: building the Go {role} on the target")
+    ctx.progress(f"{role}: building the Go {role} for the target")
     source = GO_CLIENT_DIR if role == "client" else GO_SERVER_DIR
-    build = build_go_program(ctx.target, ctx.kit_dir, source, f"go_{role}", ctx.kit(f"go{role}"))
+    machine = ctx.facts.machine if ctx.facts else ""
+    build = build_go_program(
+        ctx.target, ctx.kit_dir, source, f"go_{role}", ctx.kit(f"go{role}"), machine
+    )
     ctx.manifest[f"go_{role}"] = dict(build)
     return build["path"]
 

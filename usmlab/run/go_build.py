@@ -8,15 +8,19 @@ first, then in the usual install folders. A failed build is shown verbatim, neve
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
+import subprocess
+import tempfile
 from pathlib import Path
 from typing import TypedDict
 
-from usmlab.arch import AMD64, ARM64
+from usmlab.arch import AMD64, ARM64, find_arch
 from usmlab.errors import UsmlabError
 from usmlab.kit import GO_CLIENT_DIR, GO_SERVER_DIR
-from usmlab.targets.base import Target
+from usmlab.targets.base import Target, sha256_file
+from usmlab.targets.local import LocalTarget
 
 SOURCE_DIR = GO_CLIENT_DIR
 SOURCE_FILES = ("main.go", "go.mod")
@@ -34,6 +38,7 @@ class GoBuild(TypedDict):
     goarch: str  # amd64 or arm64: selects the probes' registers
     sha256: str  # of the built binary, for the manifest
     path: str  # the binary on the target
+    built_on: str  # "target" (its own toolchain) or "controller" (cross-built, uploaded)
 
 
 class GoBuildError(UsmlabError):
@@ -100,12 +105,20 @@ def build_go_server(target: Target, kit_dir: str, out_path: str) -> GoBuild:
 
 
 def build_go_program(
-    target: Target, kit_dir: str, source: Path, name: str, out_path: str
+    target: Target, kit_dir: str, source: Path, name: str, out_path: str, machine: str = ""
 ) -> GoBuild:
-    """Upload a Go program's sources to kit_dir/name and `go build` them into out_path."""
+    """Build a Go program for the target into out_path: with the target's own Go toolchain
+    (its sources uploaded to kit_dir/name), or, when the target has none (the lab's test box,
+    a bare staging host), on this controller for the target's architecture (`machine`, its
+    `uname -m`), static, then uploaded."""
+    try:
+        go = find_go(target)
+    except UsmlabError as missing:
+        if not machine or isinstance(target, LocalTarget):
+            raise
+        return _cross_build(target, source, name, out_path, machine, missing)
     src_dir = target.join(kit_dir, name)
     target.sync({f: source / f for f in SOURCE_FILES}, src_dir)
-    go = find_go(target)
     version, goarch = _go_version(target, go)
     exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in BUILD_ENV.items())
     script = (
@@ -118,4 +131,42 @@ def build_go_program(
         what = name.replace("go_", "Go ")
         raise GoBuildError(f"go build of the {what} failed on the target:\n{output}")
     digest = target.run(["sha256sum", "--", out_path]).stdout.split()[0]
-    return GoBuild(go_version=version, goarch=goarch, sha256=digest, path=out_path)
+    return GoBuild(
+        go_version=version, goarch=goarch, sha256=digest, path=out_path, built_on="target"
+    )
+
+
+def _cross_build(
+    target: Target, source: Path, name: str, out_path: str, machine: str, missing: Exception
+) -> GoBuild:
+    """`go build` here for the target's GOARCH (CGO_ENABLED=0: static), then upload."""
+    arch = find_arch(machine)
+    local = LocalTarget()
+    try:
+        go = find_go(local)
+    except UsmlabError:
+        raise UsmlabError(
+            f"{missing}; nor is it on this machine, to build for the target "
+            "(install Go here or there: apt-get install golang)"
+        ) from None
+    if arch is None or arch.go not in MIN_GO:
+        raise UsmlabError(f"no Go build for the target's architecture {machine!r}")
+    env = {**BUILD_ENV, "GOOS": "linux", "GOARCH": arch.go}
+    version, _ = _go_version(local, go)
+    with tempfile.TemporaryDirectory(prefix="usmlab-go-") as work:
+        binary = Path(work) / name
+        done = subprocess.run(
+            [go, "build", "-o", str(binary), "."], cwd=source, capture_output=True, text=True,
+            timeout=BUILD_TIMEOUT_S, check=False,
+            env={**os.environ, **env, "GOCACHE": str(Path(work) / "cache")},
+        )  # fmt: skip
+        if done.returncode != 0:
+            output = (done.stdout + done.stderr).rstrip() or f"exit status {done.returncode}"
+            raise GoBuildError(
+                f"go build of the {name.replace('go_', 'Go ')} failed here:\n{output}"
+            )
+        target.put(binary, out_path, mode=0o755)
+        digest = sha256_file(binary)
+    return GoBuild(
+        go_version=version, goarch=arch.go, sha256=digest, path=out_path, built_on="controller"
+    )
