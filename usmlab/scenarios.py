@@ -300,6 +300,29 @@ SCENARIOS: dict[str, Scenario] = {
             ),
         ),
         Scenario(
+            name="fd-reuse",
+            goal="Does the (pid, fd) cache hand a reused fd number its old tuple?",
+            description=(
+                "One Go worker reuses fd numbers at once: every connection is dropped without "
+                "Close, its socket closed by the runtime's finalizer on another thread at the "
+                "next GC (every request), and the client is killed and respawned mid-traffic. "
+                "Run it with --tracer usm-model:pointer-fd (misses go to the fd cache): "
+                "stale_by_cache.fd."
+            ),
+            params=dataclasses.replace(
+                CHURN,
+                count=0,
+                duration=8.0,
+                interval=0.01,
+                concurrency=1,
+                skip_close=0.0,
+                gc_every=1,
+                close_nothing=True,
+                restart="client",
+                restart_after=4.0,
+            ),
+        ),
+        Scenario(
             name="restart",
             goal="Do process restarts mid-traffic leave stale attributions?",
             description=(
