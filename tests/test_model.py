@@ -148,3 +148,38 @@ def test_churn_as_it_reproduced_in_the_field_is_judged_by_the_model(tmp_path: Pa
     assert model["requests"]["judged"] == 200
     assert model["closes"] > 0  # net/http closes what it can
     assert code in (0, 1), err
+
+
+def scenario_run(tmp_path: Path, scenario: str, key: str, *extra: str) -> tuple[int, dict, str]:
+    done = run_usmlab(
+        "test", scenario, "--target", "local", "--tracer", f"usm-model:{key}",
+        "--runs-dir", str(tmp_path / key), "--state-dir", str(tmp_path / "state"),
+        "--servers", f"{free_port()},{free_port()}", *extra, timeout=300,
+    )  # fmt: skip
+    report = json.loads((only_run_dir(tmp_path / key) / "report.json").read_text())
+    return done.returncode, report, done.stderr
+
+
+@needs_tracer
+def test_identical_processes_side_by_side_are_judged_across_processes(tmp_path: Path) -> None:
+    """cross-process: three identical Go clients; a key without the pid may meet another
+    process's entry. Whatever the count, the model and the prediction (all clients' logs)
+    agree, and every stale answer's owner is named."""
+    code, report, err = scenario_run(tmp_path, "cross-process", "pointer", "--count", "60")
+    model = report["model"]
+    assert model["agree"], model.get("finding")
+    assert model["requests"]["judged"] == 180  # three clients, 60 requests each
+    collisions = model["cross_process_collisions"]["count"]
+    assert collisions <= model["stale_observed"]["count"]
+    assert code in (0, 1), err
+
+
+@needs_tracer
+def test_fd_reuse_is_judged_by_the_fd_cache(tmp_path: Path) -> None:
+    code, report, err = scenario_run(tmp_path, "fd-reuse", "pointer-fd", "--duration", "4s",
+                                     "--restart-after", "2s")  # fmt: skip
+    model = report["model"]
+    assert model["agree"], model.get("finding")
+    assert model["writes"] > 20 and model["socket_closes"] > 0
+    assert set(model["stale_by_cache"]) == {"conn", "fd"}
+    assert code in (0, 1), err
