@@ -109,14 +109,18 @@ def test_bad_model_specs_are_usage_errors(spec: str) -> None:
         parse_model_spec(spec)
 
 
-def model_run(tmp_path: Path, key: str, *extra: str) -> tuple[int, dict, str]:
+def scenario_run(tmp_path: Path, scenario: str, key: str, *extra: str) -> tuple[int, dict, str]:
     done = run_usmlab(
-        "test", "churn", "--target", "local", "--tracer", f"usm-model:{key}",
+        "test", scenario, "--target", "local", "--tracer", f"usm-model:{key}",
         "--runs-dir", str(tmp_path / key), "--state-dir", str(tmp_path / "state"),
         "--servers", f"{free_port()},{free_port()}", *extra, timeout=300,
     )  # fmt: skip
     report = json.loads((only_run_dir(tmp_path / key) / "report.json").read_text())
     return done.returncode, report, done.stderr
+
+
+def model_run(tmp_path: Path, key: str, *extra: str) -> tuple[int, dict, str]:
+    return scenario_run(tmp_path, "churn", key, *extra)
 
 
 @needs_tracer
@@ -148,16 +152,6 @@ def test_churn_as_it_reproduced_in_the_field_is_judged_by_the_model(tmp_path: Pa
     assert model["requests"]["judged"] == 200
     assert model["closes"] > 0  # net/http closes what it can
     assert code in (0, 1), err
-
-
-def scenario_run(tmp_path: Path, scenario: str, key: str, *extra: str) -> tuple[int, dict, str]:
-    done = run_usmlab(
-        "test", scenario, "--target", "local", "--tracer", f"usm-model:{key}",
-        "--runs-dir", str(tmp_path / key), "--state-dir", str(tmp_path / "state"),
-        "--servers", f"{free_port()},{free_port()}", *extra, timeout=300,
-    )  # fmt: skip
-    report = json.loads((only_run_dir(tmp_path / key) / "report.json").read_text())
-    return done.returncode, report, done.stderr
 
 
 @needs_tracer
