@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from usmlab import __version__
-from usmlab.commands import analyze, build, cleanup, collect, doctor, scenarios, test, vm
+from usmlab.commands import analyze, build, cleanup, collect, doctor, runs, scenarios, test, vm
 
 app = typer.Typer(
     name="usmlab",
@@ -26,6 +26,8 @@ COMMANDS = (
     ("build", build.build_cmd),
     ("doctor", doctor.doctor_cmd),
     ("analyze", analyze.analyze_cmd),
+    ("runs", runs.runs_cmd),
+    ("summary", runs.summary_cmd),
     ("init", vm.init_cmd),
     ("up", vm.up_cmd),
     ("status", vm.status_cmd),
@@ -35,6 +37,7 @@ COMMANDS = (
 )
 for _name, _command in COMMANDS:
     app.command(_name)(_command)
+app.command("compare", cls=runs.KeepsSeparator)(runs.compare_cmd)
 
 
 def _version(value: bool) -> None:

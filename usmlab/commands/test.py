@@ -98,6 +98,9 @@ def test_cmd(
         str | None,
         typer.Option(help="One run per value of a parameter, then a table: skip_close=0,0.3,1."),
     ] = None,
+    junit: Annotated[
+        Path | None, typer.Option(help="Also write the verdict as JUnit XML to this file.")
+    ] = None,
 ) -> None:
     """Run a scenario on a target, collect every artifact and print the verdict."""
     from usmlab.manifest import check_runs_dir
@@ -148,11 +151,19 @@ def test_cmd(
         "sysprobe_socket": sysprobe_socket,
         "usm_debugger": usm_debugger,
     }
+    junit_to = junit
     if sweep is not None:
-        _test_sweep(specs, chosen, params, sweep, identity, work_dir, options)
+        _test_sweep(specs, chosen, params, sweep, identity, work_dir, options, junit_to)
     if len(specs) > 1:
-        _test_many(specs, chosen, params, identity, work_dir, options)
-    _test_one(specs[0], chosen, params, identity, work_dir, options)
+        _test_many(specs, chosen, params, identity, work_dir, options, junit_to)
+    _test_one(specs[0], chosen, params, identity, work_dir, options, junit_to)
+
+
+def _junit(path: Path | None, results: list[Any]) -> None:
+    if path is not None:
+        from usmlab.analysis.junit import write_junit
+
+        write_junit(path, results)
 
 
 def _test_sweep(
@@ -163,6 +174,7 @@ def _test_sweep(
     identity: Path | None,
     work_dir: str | None,
     options: dict[str, Any],
+    junit: Path | None = None,
 ) -> None:
     from usmlab.run.fleet import worst_exit
     from usmlab.run.pipeline import LabRun
@@ -183,6 +195,7 @@ def _test_sweep(
     for point in points:
         print(point.result.run_dir)
     print(sweep_table(field, points))
+    _junit(junit, [p.result for p in points])
     raise typer.Exit(worst_exit([p.result.exit_code for p in points]))
 
 
@@ -193,6 +206,7 @@ def _test_one(
     identity: Path | None,
     work_dir: str | None,
     options: dict[str, Any],
+    junit: Path | None = None,
 ) -> None:
     from usmlab.analysis.report import render_table
     from usmlab.run.pipeline import LabRun
@@ -204,6 +218,7 @@ def _test_one(
     finally:
         lab_target.close()
     print(result.run_dir)
+    _junit(junit, [result])
     if result.report is not None:
         print(render_table(result.report))
     summary = result.manifest.get("client_summary") or {}
@@ -229,6 +244,7 @@ def _test_many(
     identity: Path | None,
     work_dir: str | None,
     options: dict[str, Any],
+    junit: Path | None = None,
 ) -> None:
     from usmlab.run.fleet import fleet_table, run_fleet, worst_exit
 
@@ -238,4 +254,5 @@ def _test_many(
     for r in results:
         print(r.result.run_dir if r.result else f"{r.spec}: {r.error}")
     print(fleet_table(results))
+    _junit(junit, [r.result for r in results if r.result is not None])
     raise typer.Exit(worst_exit([r.exit_code for r in results]))
