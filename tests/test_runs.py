@@ -113,3 +113,15 @@ def test_junit_xml_has_a_case_per_server_and_fails_on_misattribution(tmp_path: P
     assert suite is not None and (suite.get("tests"), suite.get("failures")) == ("2", "1")
     failed = [c.get("name") for c in suite.findall("testcase") if c.find("failure") is not None]
     assert failed == ["server :8443"]
+
+
+def test_scenarios_and_doctor_speak_json() -> None:
+    from usmlab.scenarios import SCENARIOS
+
+    listed = json.loads(CliRunner().invoke(app, ["scenarios", "--json"]).output)
+    assert [s["name"] for s in listed] == list(SCENARIOS)
+    assert all({"goal", "description", "parameters"} <= set(s) for s in listed)
+    doctor = run_usmlab("doctor", "--json", "--port", str(free_port()))
+    checks = json.loads(doctor.stdout)
+    assert {"name", "ok", "detail", "hint"} <= set(checks[0])
+    assert any(c["name"] == "USM maps readable" for c in checks)

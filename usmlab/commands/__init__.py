@@ -63,3 +63,6 @@ def friendly(func: F) -> F:
 TargetOption = Annotated[str, typer.Option(help="local or ssh://USER@HOST[:PORT].")]
 IdentityOption = Annotated[Path | None, typer.Option(help="SSH private key.")]
 WorkDirOption = Annotated[str | None, typer.Option(help="usmlab's folder on the target.")]
+JsonOption = Annotated[
+    bool, typer.Option("--json", help="JSON instead of text (shapes: docs/report-schema.md).")
+]

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Annotated
 
 import typer
 
-from usmlab.commands import IdentityOption, TargetOption, WorkDirOption, friendly
+from usmlab.commands import IdentityOption, JsonOption, TargetOption, WorkDirOption, friendly
 
 
 @friendly
@@ -17,6 +19,7 @@ def doctor_cmd(
     port: Annotated[int, typer.Option(help="The lab server's port.")] = 8443,
     url: Annotated[str | None, typer.Option(help="Server URL for the TLS check.")] = None,
     usm_debugger: Annotated[str | None, typer.Option(help="usm-debugger binary to check.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """The troubleshooting checks on a target, as a pass/fail table with hints."""
     from usmlab.run.doctor import failed, render_checks, run_doctor
@@ -27,5 +30,8 @@ def doctor_cmd(
         checks = run_doctor(lab_target, port=port, url=url, usm_debugger_path=usm_debugger)
     finally:
         lab_target.close()
-    print(render_checks(checks))
+    if as_json:
+        print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
+    else:
+        print(render_checks(checks))
     raise typer.Exit(1 if failed(checks) else 0)

@@ -9,10 +9,8 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from usmlab.commands import friendly
+from usmlab.commands import JsonOption, friendly
 from usmlab.errors import UsageError
-
-JsonOption = Annotated[bool, typer.Option("--json", help="JSON instead of a table.")]
 
 
 class KeepsSeparator(TyperCommand):

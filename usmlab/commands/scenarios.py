@@ -2,13 +2,24 @@
 
 from __future__ import annotations
 
-from usmlab.commands import friendly
+import json
+
+from usmlab.commands import JsonOption, friendly
 
 
 @friendly
-def scenarios_cmd() -> None:
+def scenarios_cmd(as_json: JsonOption = False) -> None:
     """List the named scenarios, their goal and defaults."""
     from usmlab.scenarios import SCENARIOS
+
+    if as_json:
+        listing = [
+            {"name": s.name, "goal": s.goal, "description": s.description,
+             "parameters": s.params.as_dict()}
+            for s in SCENARIOS.values()
+        ]  # fmt: skip
+        print(json.dumps(listing, indent=2))
+        return
 
     for s in SCENARIOS.values():
         p = s.params

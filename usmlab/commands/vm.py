@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from usmlab.commands import friendly, say
+from usmlab.commands import JsonOption, friendly, say
 
 
 @friendly
@@ -66,11 +67,12 @@ def up_cmd(
 
 
 @friendly
-def status_cmd() -> None:
+def status_cmd(as_json: JsonOption = False) -> None:
     """The lab VM's state (running, poweroff, not_created, ...)."""
     from usmlab.vm import vagrant
 
-    print(vagrant.status(Path.cwd()))
+    state = vagrant.status(Path.cwd())
+    print(json.dumps({"state": state}) if as_json else state)
 
 
 @friendly
