@@ -8,6 +8,7 @@ import typer
 
 from usmlab import __version__
 from usmlab.commands import analyze, build, cleanup, collect, doctor, runs, scenarios, test, vm
+from usmlab.commands import open as open_run
 
 app = typer.Typer(
     name="usmlab",
@@ -26,6 +27,7 @@ COMMANDS = (
     ("build", build.build_cmd),
     ("doctor", doctor.doctor_cmd),
     ("analyze", analyze.analyze_cmd),
+    ("open", open_run.open_cmd),
     ("runs", runs.runs_cmd),
     ("summary", runs.summary_cmd),
     ("init", vm.init_cmd),

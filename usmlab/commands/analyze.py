@@ -29,6 +29,7 @@ def analyze_cmd(
     out: Annotated[Path | None, typer.Option(help="Where report.json/report.md go.")] = None,
 ) -> None:
     """Judge a run folder, or a raw trace_pipe capture, and print the verdict."""
+    from usmlab.analysis.html import write_html_later
     from usmlab.analysis.report import (
         analyze_capture,
         analyze_run,
@@ -68,6 +69,8 @@ def analyze_cmd(
         destination = out or trace.parent
     destination.mkdir(parents=True, exist_ok=True)
     write_report(report, destination)
+    if run_dir is not None:
+        write_html_later(destination)
     print(render_table(report))
     print(f"report: {destination / 'report.json'}")
     raise typer.Exit(exit_status(report))

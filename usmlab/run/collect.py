@@ -11,6 +11,7 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from usmlab.analysis.html import write_html_later
 from usmlab.analysis.report import Report, analyze_run, write_report
 from usmlab.errors import UsageError
 from usmlab.manifest import Manifest, now_iso
@@ -54,6 +55,7 @@ def collect_run(
     if manifest.client_logs:  # every client: client.jsonl, client-1.jsonl, client-r1.jsonl, ...
         report = analyze_run(run_dir)
         write_report(report, run_dir)
+        write_html_later(run_dir)
         manifest["outcome"] = report.outcome
     manifest.inventory()
     manifest.save()

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from usmlab import __version__
+from usmlab.analysis.html import write_html_later
 from usmlab.analysis.report import Report, analyze_run, exit_status, write_report
 from usmlab.errors import EXIT_FAILED, RunInterrupted, UsmlabError
 from usmlab.jsonlines import iter_jsonl
@@ -255,6 +256,7 @@ class LabRun:
             try:
                 report = analyze_run(ctx.run_dir)
                 write_report(report, ctx.run_dir)
+                write_html_later(ctx.run_dir)
                 ctx.lap("analysis")
                 code = exit_status(report)
                 ctx.manifest["outcome"] = report.outcome
