@@ -46,7 +46,10 @@ def test_summary_pools_counts_with_their_intervals_per_group(tmp_path: Path) -> 
     recorded_run(tmp_path, "a", sent=80_000, misattributed=0, key="pointer-fd")
     recorded_run(tmp_path, "b", sent=83_000, misattributed=0, key="pointer-fd")
     recorded_run(tmp_path, "c", sent=2776, misattributed=23, key="pointer")
-    result = CliRunner().invoke(app, ["summary", str(tmp_path), "--by", "key", "--json"])
+    page = tmp_path / "summary.html"
+    result = CliRunner().invoke(
+        app, ["summary", str(tmp_path), "--by", "key", "--json", "--html", str(page)]
+    )
     assert result.exit_code == 0, result.output
     groups = {g["group"]: g for g in json.loads(result.output)}
     fixed = groups["pointer-fd"]
@@ -56,8 +59,14 @@ def test_summary_pools_counts_with_their_intervals_per_group(tmp_path: Path) -> 
     assert before["count"] == 23 and before["of"] == 2776
     low, high = before["ci95"]
     assert 0.0052 < low < 0.0053 and 0.0124 < high < 0.0125  # Clopper-Pearson
-    table = CliRunner().invoke(app, ["summary", str(tmp_path / "c")]).output
+    table = (
+        CliRunner()
+        .invoke(app, ["summary", str(tmp_path / "c"), "--html", str(tmp_path / "c.html")])
+        .output
+    )
     assert "23 of 2,776" in table
+    text = page.read_text()
+    assert "<svg" in text and "pointer-fd" in text and "0 of 163,000: &lt; 1.8e-5" in text
 
 
 def test_compare_tells_before_from_after_a_fix(tmp_path: Path) -> None:

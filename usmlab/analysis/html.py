@@ -130,6 +130,36 @@ def write_html(run_dir: Path) -> Path:
     return path
 
 
+def summary_html(groups: list[dict[str, Any]], title: str) -> str:
+    """summary.html: the pooled misattribution rate of each group with its 95% interval."""
+    import matplotlib
+
+    matplotlib.use("svg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 0.5 * max(2, len(groups)) + 1.2))
+    for y, group in enumerate(groups):
+        wrong = group["misattributed"]
+        if wrong["ci95"] is None:
+            continue
+        low, high = wrong["ci95"]
+        ax.errorbar([wrong["rate"]], [y], xerr=[[wrong["rate"] - low], [high - wrong["rate"]]],
+                    fmt="o", color=COLORS["misattributed"], capsize=4)  # fmt: skip
+    ax.set_yticks(range(len(groups)), [g["group"] for g in groups])
+    ax.set_xlabel("misattributed requests (rate, 95% interval)")
+    ax.set_xlim(left=0)
+    ax.grid(axis="x", alpha=0.3)
+    fig.tight_layout()
+    out = io.StringIO()
+    fig.savefig(out, format="svg")
+    plt.close(fig)
+    svg = out.getvalue()
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True)
+    return env.get_template("summary.html.j2").render(
+        groups=groups, plot=svg[svg.index("<svg") :], title=title
+    )
+
+
 def write_html_later(run_dir: Path) -> None:
     """Write report.html in a process of its own: the run returns without waiting for it."""
     with open(run_dir / ".report-html.log", "ab") as log:

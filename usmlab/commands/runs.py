@@ -40,12 +40,18 @@ def summary_cmd(
         str | None, typer.Option(help="Group by scenario, tracer, target or key (usm-model).")
     ] = None,
     as_json: JsonOption = False,
+    html: Annotated[
+        Path | None, typer.Option(help="Also write the table and a plot of the rates here.")
+    ] = Path("summary.html"),
 ) -> None:
     """Pooled counts and rates, with 95% intervals, over many runs (per group with --by)."""
+    from usmlab.analysis.html import summary_html
     from usmlab.analysis.runs import find_runs, summarize, summary_table
 
     groups = summarize(find_runs(runs), by)
     print(json.dumps(groups, indent=2) if as_json else summary_table(groups))
+    if html is not None:
+        html.write_text(summary_html(groups, f"by {by}" if by else "all runs"), encoding="utf-8")
 
 
 @friendly
