@@ -134,3 +134,21 @@ def test_scenarios_and_doctor_speak_json() -> None:
     checks = json.loads(doctor.stdout)
     assert {"name", "ok", "detail", "hint"} <= set(checks[0])
     assert any(c["name"] == "USM maps readable" for c in checks)
+
+
+def test_shell_completion_lists_the_scenarios() -> None:
+    import os
+    import subprocess
+    import sys
+
+    from usmlab.scenarios import SCENARIOS
+
+    env = {**os.environ, "_USMLAB_COMPLETE": "complete_bash", "COMP_WORDS": "usmlab test ",
+           "COMP_CWORD": "2"}  # fmt: skip
+    done = subprocess.run([sys.executable, "-m", "usmlab"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.stdout.split() == list(SCENARIOS)
+    env["COMP_WORDS"] = "usmlab test ch"
+    done = subprocess.run([sys.executable, "-m", "usmlab"], env=env, capture_output=True,
+                          text=True, timeout=60, check=False)  # fmt: skip
+    assert done.stdout.split() == ["churn"]

@@ -19,7 +19,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, _interrupted)
     from usmlab.cli import app
 
-    app()
+    app(prog_name="usmlab")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ app = typer.Typer(
     name="usmlab",
     help="Run the USM misattribution lab with one command and get a verdict.",
     no_args_is_help=True,
-    add_completion=False,
+    add_completion=True,  # --install-completion / --show-completion for bash, zsh, fish
     pretty_exceptions_enable=False,
     context_settings={"help_option_names": ["-h", "--help"]},
 )

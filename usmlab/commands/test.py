@@ -11,9 +11,21 @@ from usmlab.commands import friendly, say
 from usmlab.errors import UsageError
 
 
+def complete_scenario(incomplete: str) -> list[str]:
+    """Shell completion of scenario names."""
+    from usmlab.scenarios import SCENARIOS
+
+    return [name for name in SCENARIOS if name.startswith(incomplete)]
+
+
 @friendly
 def test_cmd(
-    scenario: Annotated[str, typer.Argument(help="Scenario name (see `usmlab scenarios`).")],
+    scenario: Annotated[
+        str,
+        typer.Argument(
+            help="Scenario name (see `usmlab scenarios`).", autocompletion=complete_scenario
+        ),
+    ],
     target: Annotated[
         list[str] | None,
         typer.Option(
