@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import signal
 import socket
 import subprocess
@@ -401,3 +403,39 @@ def test_a_sweep_makes_one_run_per_setting_and_a_table(tmp_path):
         and table[1].startswith("1 ")
         and table[2].startswith("3 ")
     )
+
+
+def run_in_a_terminal(argv: list[str], timeout: float = 60) -> str:
+    """Everything a command wrote to a pseudo-terminal, as a user's terminal would show it."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, on the terminal
+        os.execvp(argv[0], argv)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+    os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace")
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path):
+    args = lab_args(tmp_path, "--tracer", "none", "--count", "30", "--interval", "100ms")
+    piped = run_usmlab("test", "scenario1", *args)
+    assert piped.returncode == 0, piped.stderr
+    assert re.search(r"^client: \d+/30 requests$", piped.stderr, flags=re.MULTILINE)
+    assert "\x1b[" not in piped.stderr  # CI logs stay readable: no escape sequences
+    shown = run_in_a_terminal(usmlab_argv("test", "scenario1", *lab_args(
+        tmp_path, "--tracer", "none", "--count", "30", "--interval", "100ms")))  # fmt: skip
+    assert "━" in shown and "req/s" in shown  # rich's bar, with the request rate

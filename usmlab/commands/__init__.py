@@ -7,12 +7,14 @@ types several verbs declare.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
 import sys
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -57,6 +59,65 @@ def friendly(func: F) -> F:
                 signal.signal(signal.SIGINT, previous)
 
     return wrapper  # type: ignore[return-value]
+
+
+class TerminalReporter:
+    """A run's progress as the tools around it show theirs: on a terminal, a rich progress bar
+    for the client's requests (rate, ETA) and a spinner while the tracer attaches; elsewhere (CI
+    logs, pipes) the same as plain lines, never an escape sequence."""
+
+    def __init__(self) -> None:
+        self.tty = sys.stderr.isatty()
+        self._bar: Any = None
+        self._task: Any = None
+        self._t0 = 0.0
+
+    def say(self, message: str) -> None:
+        if self._bar is not None:
+            self._bar.console.print(message, markup=False, highlight=False)
+        else:
+            say(message)
+
+    def requests(self, done: int, total: int | None) -> None:
+        if not self.tty:
+            say(f"client: {done}/{total if total else '∞'} requests")
+            return
+        if self._bar is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+            )  # fmt: skip
+
+            self._bar = Progress(
+                TextColumn("client"), BarColumn(), MofNCompleteColumn(),
+                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
+                console=Console(stderr=True), transient=True,
+            )  # fmt: skip
+            self._bar.start()
+            self._task = self._bar.add_task("requests", total=total, rate="")
+            self._t0 = time.monotonic()
+        elapsed = max(time.monotonic() - self._t0, 1e-6)
+        self._bar.update(self._task, completed=done, rate=f"{done / elapsed:.0f} req/s")
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        if not self.tty:
+            say(what)
+            yield
+            return
+        from rich.console import Console
+
+        with Console(stderr=True).status(what, spinner="dots"):
+            yield
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 # Options several verbs take, declared once.

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 
 import typer
 
-from usmlab.commands import friendly, say
+from usmlab.commands import TerminalReporter, friendly, say
 from usmlab.errors import UsageError
 
 
@@ -200,7 +200,11 @@ def _test_sweep(
     lab_target = open_target(specs[0], identity, work_dir)
     try:
         points = run_sweep(
-            lambda p: LabRun(lab_target, scenario, p, progress=say, **options), settings, field
+            lambda p: LabRun(
+                lab_target, scenario, p, progress=say, reporter=TerminalReporter(), **options
+            ),
+            settings,
+            field,
         )
     finally:
         lab_target.close()
@@ -226,7 +230,13 @@ def _test_one(
 
     lab_target = open_target(spec, identity, work_dir)
     try:
-        result = LabRun(lab_target, scenario, params, progress=say, **options).execute()
+        reporter = TerminalReporter()
+        try:
+            result = LabRun(
+                lab_target, scenario, params, progress=reporter.say, reporter=reporter, **options
+            ).execute()
+        finally:
+            reporter.close()
     finally:
         lab_target.close()
     print(result.run_dir)

@@ -11,7 +11,7 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -26,6 +26,23 @@ if TYPE_CHECKING:
     from usmlab.run.trace_reader import TracePipeCapture
 
 Progress = Callable[[str], None]
+
+
+class Reporter:
+    """Where a run tells its progress: lines, a count of requests, a wait. This plain one writes
+    lines; the CLI's (commands/__init__.py) draws bars and spinners on a terminal."""
+
+    def __init__(self, say: Progress = lambda message: None) -> None:
+        self.say = say
+
+    def requests(self, done: int, total: int | None) -> None:
+        self.say(f"client: {done}/{total if total else '∞'} requests")
+
+    @contextlib.contextmanager
+    def waiting(self, what: str) -> Iterator[None]:
+        self.say(what)
+        yield
+
 
 # Teardown stages, in the order they run: traffic first, the processes watching it next, the
 # trace reader after every tracer, then what is not a process (the NAT rule, the run marker).
@@ -213,6 +230,7 @@ class RunContext:
     runs_dir: Path
     state_dir: Path
     progress: Progress
+    reporter: Reporter = field(default_factory=Reporter)
     requested_tracer: str = "auto"
     usm_debugger: str | None = None
     sysprobe_socket: str | None = None

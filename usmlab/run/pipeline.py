@@ -28,7 +28,7 @@ from usmlab.kit.client import RunningSummary
 from usmlab.manifest import Manifest, new_run_dir, now_iso, process_start
 from usmlab.run import stages
 from usmlab.run.cleanup import clean_target
-from usmlab.run.context import Progress, RunContext
+from usmlab.run.context import Progress, Reporter, RunContext
 from usmlab.run.features import features_for
 from usmlab.run.signals import signals_as_interrupts, signals_noted
 from usmlab.scenarios import Params, Scenario
@@ -119,6 +119,7 @@ class LabRun:
         sysprobe_socket: str | None = None,
         usm_debugger: str | None = None,
         stages: dict[str, Stage] | None = None,
+        reporter: Reporter | None = None,
     ) -> None:
         self.ctx = RunContext(
             target=target,
@@ -131,6 +132,7 @@ class LabRun:
             usm_debugger=usm_debugger,
             sysprobe_socket=sysprobe_socket,
             features=features_for(params),
+            reporter=reporter or Reporter(progress),
         )
         self.stages = stages or STAGES  # a test may swap stages for its own
 

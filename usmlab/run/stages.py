@@ -138,7 +138,7 @@ def start_observers(ctx: RunContext) -> None:
     waits until the probes are in."""
     target, tracer = ctx.target, ctx.tracer
     if tracer is not None:
-        ctx.progress(f"tracer {tracer.name}: starting, waiting for probes to attach")
+        ctx.progress(f"tracer {tracer.name}: starting")
         assert ctx.facts is not None
         tctx = TracerContext(
             run_id=ctx.run_id,
@@ -197,7 +197,8 @@ def attached(ctx: RunContext) -> None:
         return
     tctx, proc, t0 = ctx.attaching
     ctx.attaching = None
-    ctx.tracer.wait_attached(ctx.target, tctx, proc, ATTACH_TIMEOUT, ctx.abort)
+    with ctx.reporter.waiting(f"tracer {ctx.tracer.name}: waiting for its probes to attach"):
+        ctx.tracer.wait_attached(ctx.target, tctx, proc, ATTACH_TIMEOUT, ctx.abort)
     ctx.manifest["tracer_attached_mono"] = ctx.tracer.attached_mono
     ctx.manifest["tracer_attached"] = getattr(ctx.tracer, "attached_summary", None)
     ctx.progress(f"tracer {ctx.tracer.name}: attached in {time.monotonic() - t0:.1f} s")
@@ -333,7 +334,6 @@ def lead_time(ctx: RunContext) -> None:
 def traffic(ctx: RunContext) -> None:
     """Wait for the clients, showing progress; features act on the way (restarts)."""
     params = ctx.params
-    total = str(params.count * params.clients) if params.count else "∞"
     if not params.count and params.duration is None:
         ctx.progress("client: running until Ctrl-C (or use --duration)")
     started = last = time.monotonic()
@@ -355,7 +355,7 @@ def traffic(ctx: RunContext) -> None:
             feature.tick(ctx, now - started)
         if now - last >= PROGRESS_EVERY:
             last = now
-            ctx.progress(f"client: {_requests_done(ctx)}/{total} requests")
+            ctx.reporter.requests(_requests_done(ctx), params.count * params.clients or None)
     ctx.progress(f"client: finished (exit {', '.join(str(c) for c in codes)})")
     for client, code in zip(ctx.clients, codes, strict=True):
         if code == 2:  # the client's usage error: it sent nothing, say why
