@@ -357,3 +357,17 @@ def test_box_cache_key_follows_the_recipe() -> None:
     assert box.recipe_key(spec) == box.recipe_key(box.recipe("amd64", "ssh-rsa AAAA test"))
     assert box.recipe_key(spec) != box.recipe_key(box.recipe("arm64", "ssh-rsa AAAA test"))
     assert "linux-image-arm64" in box.recipe("arm64", "k")["packages"]  # type: ignore[operator]
+
+
+def test_a_silent_vm_step_still_says_what_it_waits_for() -> None:
+    import time
+
+    from usmlab.vm.ticker import Ticker
+
+    said: list[str] = []
+    with Ticker(said.append, "vagrant up", every=1.0) as ticker:
+        time.sleep(2.6)
+        ticker.heard()
+        time.sleep(0.5)
+    assert said and all("still waiting for vagrant up" in line for line in said)
+    assert 1 <= len(said) <= 3

@@ -25,6 +25,7 @@ from pathlib import Path
 
 from usmlab.arch import find_arch
 from usmlab.errors import UsmlabError
+from usmlab.vm.ticker import Ticker
 
 # Bump when the build steps change in a way the recipe below does not capture.
 RECIPE_VERSION = 1
@@ -425,19 +426,20 @@ def _build(
     unsafe_io = rootfs / "etc/dpkg/dpkg.cfg.d/usmlab-build-unsafe-io"
     _write_files(rootfs, {str(unsafe_io.relative_to(rootfs)): ("force-unsafe-io\n", 0o644)})
     _write_files(rootfs, initrd_files())
-    _run(
-        [
+    with Ticker(progress, "debootstrap", every=15.0):
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--arch={arch}",
+                f"--include={','.join(packages)}",
+                SUITE,
+                str(rootfs),
+                mirror,
+            ],
+            log,
             "debootstrap",
-            "--variant=minbase",
-            f"--arch={arch}",
-            f"--include={','.join(packages)}",
-            SUITE,
-            str(rootfs),
-            mirror,
-        ],
-        log,
-        "debootstrap",
-    )
+        )
     unsafe_io.unlink()
     step("configuring the guest (vagrant user, sshd, networkd, small initrd)")
     _configure_guest(rootfs, spec["files"], log)  # type: ignore[arg-type]

@@ -26,6 +26,7 @@ from usmlab.errors import UsmlabError
 from usmlab.vm.box import USER_NIC_MAC
 from usmlab.vm.provision import ProvisionScript, render_provision, write_provision
 from usmlab.vm.settings import AGENT_MOUNT, VmSettings, resolved_agent_path
+from usmlab.vm.ticker import Ticker
 
 VAGRANTFILE = Path(__file__).resolve().parents[2] / "Vagrantfile"
 VAGRANTFILE_MARKER = "# The usmlab VM."
@@ -270,9 +271,10 @@ def _stream(
     """Relay Vagrant's output with elapsed time; returns the provisioning script's own lines."""
     ours = []
     try:
-        with paths.output_log.open("a") as log:
+        with paths.output_log.open("a") as log, Ticker(progress, f"vagrant {what}") as ticker:
             log.write(f"=== vagrant {what} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
             for raw in lines:
+                ticker.heard()
                 for line in _readable(raw):
                     log.write(line + "\n")
                     progress(f"[vm {time.monotonic() - started:4.0f}s] {line}")
