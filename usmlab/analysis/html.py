@@ -43,12 +43,29 @@ def _status(record: dict[str, Any], misattributed: set[int], missed: set[int]) -
     return "captured"
 
 
-def timeline_svg(run_dir: Path, manifest: Manifest, report: dict[str, Any]) -> str:
-    """The run's timeline as an SVG document (a string)."""
+def _pyplot() -> Any:
+    """matplotlib's pyplot, drawing SVG (imported here: half a second, only for pages)."""
     import matplotlib
 
     matplotlib.use("svg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _svg(plt: Any, fig: Any) -> str:
+    """The figure as an <svg> element to inline in a page."""
+    fig.tight_layout()
+    out = io.StringIO()
+    fig.savefig(out, format="svg")
+    plt.close(fig)
+    svg = out.getvalue()
+    return svg[svg.index("<svg") :]
+
+
+def timeline_svg(run_dir: Path, manifest: Manifest, report: dict[str, Any]) -> str:
+    """The run's timeline as an SVG document (a string)."""
+    plt = _pyplot()
 
     misattributed = {m.get("seq") for m in report.get("misattributed_requests") or []}
     for section in (report.get("model") or {}).get("requests") or {}, report.get("usm_maps") or {}:
@@ -94,12 +111,7 @@ def timeline_svg(run_dir: Path, manifest: Manifest, report: dict[str, Any]) -> s
     ax.legend(unique.values(), unique.keys(), loc="upper left", bbox_to_anchor=(1.0, 1.0),
               fontsize=8)  # fmt: skip
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out = io.StringIO()
-    fig.savefig(out, format="svg")
-    plt.close(fig)
-    svg = out.getvalue()
-    return svg[svg.index("<svg") :]
+    return _svg(plt, fig)
 
 
 def render_html(run_dir: Path) -> str:
@@ -132,10 +144,7 @@ def write_html(run_dir: Path) -> Path:
 
 def summary_html(groups: list[dict[str, Any]], title: str) -> str:
     """summary.html: the pooled misattribution rate of each group with its 95% interval."""
-    import matplotlib
-
-    matplotlib.use("svg")
-    import matplotlib.pyplot as plt
+    plt = _pyplot()
 
     fig, ax = plt.subplots(figsize=(8, 0.5 * max(2, len(groups)) + 1.2))
     for y, group in enumerate(groups):
@@ -149,14 +158,9 @@ def summary_html(groups: list[dict[str, Any]], title: str) -> str:
     ax.set_xlabel("misattributed requests (rate, 95% interval)")
     ax.set_xlim(left=0)
     ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    out = io.StringIO()
-    fig.savefig(out, format="svg")
-    plt.close(fig)
-    svg = out.getvalue()
     env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATE_DIR), autoescape=True)
     return env.get_template("summary.html.j2").render(
-        groups=groups, plot=svg[svg.index("<svg") :], title=title
+        groups=groups, plot=_svg(plt, fig), title=title
     )
 
 
