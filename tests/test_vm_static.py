@@ -371,3 +371,32 @@ def test_a_silent_vm_step_still_says_what_it_waits_for() -> None:
         time.sleep(0.5)
     assert said and all("still waiting for vagrant up" in line for line in said)
     assert 1 <= len(said) <= 3
+
+
+def test_a_vm_recorded_but_gone_is_said_by_every_verb_instead_of_running_on_the_host(
+    tmp_path,
+) -> None:
+    import subprocess
+    import sys
+
+    (tmp_path / ".usmlab").mkdir()
+    (tmp_path / ".usmlab" / "vm.json").write_text("{}")
+    for verb in (["test", "scenario1", "--tracer", "none"], ["doctor"], ["cleanup"], ["build"]):
+        done = subprocess.run(
+            [sys.executable, "-m", "usmlab", *verb], cwd=tmp_path, capture_output=True,
+            text=True, timeout=60, check=False,
+        )  # fmt: skip
+        assert done.returncode == 2, (verb, done.stderr)
+        assert "the lab VM recorded in .usmlab/ is gone" in done.stderr, verb
+        assert not (tmp_path / "runs").exists()
+
+
+def test_every_verb_says_its_default_target_in_its_help() -> None:
+    from typer.testing import CliRunner
+
+    from usmlab.cli import app
+
+    for verb in ("test", "doctor", "cleanup", "build"):
+        shown = CliRunner().invoke(app, [verb, "--help"]).output
+        words = " ".join(shown.replace("│", " ").split())  # rich wraps the help in a box
+        assert "the lab VM when it exists" in words or "the default when it exists" in words

@@ -121,7 +121,13 @@ class TerminalReporter:
 
 
 # Options several verbs take, declared once.
-TargetOption = Annotated[str, typer.Option(help="local or ssh://USER@HOST[:PORT].")]
+TargetOption = Annotated[
+    str | None,
+    typer.Option(
+        help="local, vagrant or ssh://USER@HOST[:PORT]; default: the lab VM when it exists "
+        "in this folder, else local."
+    ),
+]
 IdentityOption = Annotated[Path | None, typer.Option(help="SSH private key.")]
 WorkDirOption = Annotated[str | None, typer.Option(help="usmlab's folder on the target.")]
 JsonOption = Annotated[

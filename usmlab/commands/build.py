@@ -7,14 +7,12 @@ from typing import Annotated
 
 import typer
 
-from usmlab.commands import IdentityOption, friendly, say
+from usmlab.commands import IdentityOption, TargetOption, friendly, say
 
 
 @friendly
 def build_cmd(
-    target: Annotated[str, typer.Option(help="Where to build: the VM's ssh:// or local.")] = (
-        "local"
-    ),
+    target: TargetOption = None,
     identity: IdentityOption = None,
     clean: Annotated[bool, typer.Option(help="Remove stale eBPF objects first.")] = False,
     arch: Annotated[str | None, typer.Option(help="arm64 or x86_64 (default: the target's).")] = (

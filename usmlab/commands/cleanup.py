@@ -12,7 +12,7 @@ from usmlab.commands import IdentityOption, TargetOption, WorkDirOption, friendl
 
 @friendly
 def cleanup_cmd(
-    target: TargetOption = "local",
+    target: TargetOption = None,
     identity: IdentityOption = None,
     work_dir: WorkDirOption = None,
     runs_dir: Annotated[

@@ -13,7 +13,7 @@ from usmlab.commands import IdentityOption, JsonOption, TargetOption, WorkDirOpt
 
 @friendly
 def doctor_cmd(
-    target: TargetOption = "local",
+    target: TargetOption = None,
     identity: IdentityOption = None,
     work_dir: WorkDirOption = None,
     port: Annotated[int, typer.Option(help="The lab server's port.")] = 8443,

@@ -29,7 +29,7 @@ def test_cmd(
     target: Annotated[
         list[str] | None,
         typer.Option(
-            help="local, vagrant (the lab VM; the default when it exists) or "
+            help="local, vagrant (the lab VM; the default when it exists in this folder) or "
             "ssh://USER@HOST[:PORT]; repeat to run on several at once."
         ),
     ] = None,

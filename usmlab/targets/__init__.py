@@ -12,10 +12,10 @@ __all__ = ["BackgroundProcess", "CommandResult", "LocalTarget", "Target", "open_
 
 
 def default_target_spec(cwd: Path | None = None) -> str:
-    """`vagrant` when this folder's lab VM exists, else `local`."""
-    from usmlab.vm.vagrant import vm_exists
+    """`vagrant` when this folder's lab VM exists, else `local` (targets/vagrant.py)."""
+    from usmlab.targets.vagrant import default_target_spec as default
 
-    return "vagrant" if vm_exists(cwd or Path.cwd()) else "local"
+    return default(cwd or Path.cwd())
 
 
 SPECS_HELP = "use 'local', 'vagrant' or 'ssh://USER@HOST[:PORT]'"
@@ -28,22 +28,16 @@ def check_target_spec(spec: str) -> str:
     return spec
 
 
-def open_target(spec: str, identity: Path | None = None, work_dir: str | None = None) -> Target:
-    """A target from its command-line spelling: `local`, `vagrant` or `ssh://USER@HOST[:PORT]`."""
+def open_target(
+    spec: str | None, identity: Path | None = None, work_dir: str | None = None
+) -> Target:
+    """A target from its command-line spelling: `local`, `vagrant` or `ssh://USER@HOST[:PORT]`;
+    None: the default (the lab VM when it exists, else this machine)."""
+    spec = spec or default_target_spec()
     if spec == "vagrant":
-        from usmlab.targets.ssh import SshTarget
-        from usmlab.vm.vagrant import ssh_details, vm_exists
+        from usmlab.targets.vagrant import VagrantTarget
 
-        if not vm_exists(Path.cwd()):
-            raise UsageError("no lab VM in this folder: run `usmlab up` first")
-        details = ssh_details(Path.cwd())
-        key = identity or Path(str(details["identity_file"]))
-        target = SshTarget(
-            f"ssh://{details['user']}@{details['host']}:{details['port']}", key, work_dir
-        )
-        target.kind = "vagrant"
-        target.spec = "vagrant"
-        return target
+        return VagrantTarget(Path.cwd(), identity, work_dir)
     if spec == "local":
         if identity is not None:
             raise UsageError("--identity goes with an ssh:// target, not local")
