@@ -143,6 +143,7 @@ def test_scenario1_runs_inside_the_vm_with_the_builtin_tracer(
     (run_dir,) = (tmp_path / "runs").iterdir()
     manifest = json.loads((run_dir / "manifest.json").read_text())
     assert manifest["target"]["kind"] == "vagrant"
+    assert run_dir.name.endswith("-scenario1-vagrant")  # not the forwarded port on 127.0.0.1
     assert manifest["status"] == "complete"
     report = json.loads((run_dir / "report.json").read_text())
     assert report["outcome"] == "capture-works"
@@ -171,6 +172,34 @@ def test_up_on_a_running_provisioned_vm_does_nothing(lab_vm: LabVm) -> None:
     result = vagrant.up(lab_vm.root, lab_vm.settings, progress=_say, cwd=lab_vm.root)
     assert result.action == "already-running"
     assert not result.provisioned
+
+
+def _usmlab(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "usmlab", *args], cwd=root, capture_output=True, text=True,
+        timeout=timeout, check=False,
+    )  # fmt: skip
+
+
+def test_the_vm_keeps_its_settings_through_up_halt_and_up_again(lab_vm: LabVm) -> None:
+    """Plain `up` on a lab VM, `halt`, `up` again: the same VM, ports and settings every time;
+    a flag that would change it is a one-line error naming the way out."""
+    port = vagrant.ssh_details(lab_vm.root)["port"]
+    plain = _usmlab(lab_vm.root, "up")
+    assert plain.returncode == 0, plain.stderr
+    assert "its settings kept" in plain.stdout
+    assert json.loads(_usmlab(lab_vm.root, "status", "--json").stdout) == {"state": "running"}
+    changed = _usmlab(lab_vm.root, "up", "--cpus", "8")
+    assert changed.returncode == 2
+    assert "`usmlab destroy` first" in changed.stderr and "cpus=8" in changed.stderr
+    halted = _usmlab(lab_vm.root, "halt")
+    assert halted.returncode == 0, halted.stderr
+    assert json.loads(_usmlab(lab_vm.root, "status", "--json").stdout)["state"] != "running"
+    again = _usmlab(lab_vm.root, "up")
+    assert again.returncode == 0, again.stderr
+    assert vagrant.ssh_details(lab_vm.root)["port"] == port
+    shell = _usmlab(lab_vm.root, "ssh", "--", "uname", "-s", timeout=120)
+    assert shell.returncode == 0 and "Linux" in shell.stdout, shell.stderr
 
 
 def test_destroy_removes_the_vm(lab_vm: LabVm) -> None:

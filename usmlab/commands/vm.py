@@ -10,6 +10,7 @@ from typing import Annotated, Any
 import typer
 
 from usmlab.commands import JsonOption, friendly, say
+from usmlab.errors import UsageError
 
 
 @friendly
@@ -52,6 +53,26 @@ def up_cmd(
         "provider": provider, "box": box, "cpus": cpus, "memory": memory,
         "agent_path": agent_path, "profile": profile,
     }  # fmt: skip
+    kept = vagrant.remembered(Path.cwd())
+    if kept is not None:
+        # The VM exists: its settings stick; a flag that would change one is refused.
+        given = {k: v for k, v in overrides.items() if v is not None}
+        changed = [f"{k}={v!r} (it has {getattr(kept, k)!r})" for k, v in given.items()
+                   if getattr(kept, k) != v]  # fmt: skip
+        if lab and not kept.lab_mode:
+            changed.append("--lab (it is not a lab VM)")
+        if changed:
+            raise UsageError(
+                f"the lab VM exists with other settings: {', '.join(changed)}; "
+                "`usmlab destroy` first to make it again with them"
+            )
+        if kept.lab_mode:
+            from usmlab.vm.libvirt_host import ensure_libvirt_daemons
+
+            ensure_libvirt_daemons(say)
+        result = vagrant.up(Path.cwd(), kept, progress=say, cwd=Path.cwd())
+        print(f"VM {result.action} in {result.seconds:.1f} s (its settings kept)")
+        return
     if lab:
         from usmlab.vm.box import build_test_box
         from usmlab.vm.libvirt_host import ensure_libvirt_daemons

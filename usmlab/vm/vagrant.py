@@ -9,6 +9,7 @@ running, provisioned VM return after one `vagrant status` instead of a full `vag
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -63,6 +64,10 @@ class VmPaths:
     @property
     def settings_json(self) -> Path:
         return self.state_dir / "vm.json"
+
+    @property
+    def remembered_json(self) -> Path:
+        return self.state_dir / "settings.json"
 
     @property
     def provision_dir(self) -> Path:
@@ -400,9 +405,30 @@ def up(
         ours = _stream(paths, "up", lines, progress, started)
     if needs_provision:
         _record_provisioned(paths, script, settings)
+    remember(paths.root, settings)
     seconds = time.monotonic() - started
     progress(f"[vm] {action} in {seconds:.0f}s")
     return UpResult(action, needs_provision, seconds, ours)
+
+
+def remember(root: Path, settings: VmSettings) -> None:
+    """Keep the settings the VM was made with: every later verb uses them (docs/vm.md)."""
+    paths = VmPaths(root.resolve())
+    data = {f.name: getattr(settings, f.name) for f in dataclasses.fields(settings)
+            if f.name != "sources"}  # fmt: skip
+    paths.remembered_json.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def remembered(root: Path) -> VmSettings | None:
+    """The settings this folder's VM was made with, while it exists."""
+    paths = VmPaths(root.resolve())
+    if _machine_id(paths) is None or not paths.remembered_json.exists():
+        return None
+    try:
+        data = json.loads(paths.remembered_json.read_text())
+        return VmSettings(**data)
+    except (OSError, ValueError, TypeError):
+        return None
 
 
 def provision(
