@@ -400,3 +400,28 @@ def test_every_verb_says_its_default_target_in_its_help() -> None:
         shown = CliRunner().invoke(app, [verb, "--help"]).output
         words = " ".join(shown.replace("│", " ").split())  # rich wraps the help in a box
         assert "the lab VM when it exists" in words or "the default when it exists" in words
+
+
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
+def test_a_missing_provider_is_named_with_the_plugin_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Real Vagrant, asked for a provider it has no plugin for: the error says which, and how
+    to get it (Vagrant prints that cause on stdout only, under --machine-readable)."""
+    (tmp_path / "Vagrantfile").write_text('Vagrant.configure("2") do |c|\n  c.vm.box = "x"\nend\n')
+    monkeypatch.setenv("VAGRANT_DEFAULT_PROVIDER", "parallels")
+    with pytest.raises(vagrant.VagrantError) as raised:
+        vagrant.status(tmp_path)
+    message = str(raised.value)
+    assert "\n" not in message
+    assert "The provider 'parallels' could not be found" in message
+    assert "vagrant plugin install vagrant-parallels" in message
+
+
+def test_usual_first_errors_have_a_next_step() -> None:
+    assert "libvirtd -d" in vagrant.next_step(
+        "", "Failed to connect socket to '/var/run/libvirt/libvirt-sock'"
+    )
+    assert "--lab" in vagrant.next_step("Vagrant::Errors::BoxNotFound", "")
+    assert "dnsmasq-base" in vagrant.next_step("", "dnsmasq: command not found")
+    assert vagrant.next_step("", "Timed out while waiting for the machine to boot.") == ""

@@ -231,17 +231,61 @@ def _client(paths: VmPaths) -> python_vagrant.Vagrant:
 def _failure(
     paths: VmPaths, what: str, exc: subprocess.CalledProcessError, progress: Progress
 ) -> VagrantError:
-    """Show the tail of Vagrant's stderr; return a one-line error that summarises it."""
+    """Show the tail of Vagrant's stderr; return a one-line error with its cause and a next
+    step. With --machine-readable (status), the cause is only on stdout (`error-exit`)."""
     try:
         text = paths.stderr_log.read_text(errors="replace")
     except OSError:
         text = ""
     for line in readable_stderr(text)[-STDERR_TAIL_LINES:]:
         progress(f"vagrant: {line}")
-    summary = summarize_stderr(text) or f"exit status {exc.returncode}"
+    output = exc.output.decode(errors="replace") if isinstance(exc.output, bytes) else ""
+    kind, message = machine_readable_error(output or "")
+    summary = summarize_stderr(text) or summarize_stderr(message) or f"exit status {exc.returncode}"
+    step = next_step(kind, summary + " " + text)
     return VagrantError(
-        f"vagrant {what} failed (exit {exc.returncode}): {summary} (stderr: {paths.stderr_log})"
+        f"vagrant {what} failed (exit {exc.returncode}): {summary}"
+        + (f"; {step}" if step else f" (stderr: {paths.stderr_log})")
     )
+
+
+def machine_readable_error(output: str) -> tuple[str, str]:
+    """(error class, message) of Vagrant's `--machine-readable` `error-exit` line, or ("", "")."""
+    for line in output.splitlines():
+        parts = line.split(",", 4)
+        if len(parts) == 5 and parts[2] == "error-exit":
+            message = parts[4].replace("%!(VAGRANT_COMMA)", ",").replace("\\n", "\n")
+            return parts[3], message
+    return "", ""
+
+
+def next_step(kind: str, text: str) -> str:
+    """What to do about the usual first errors (a user new to the lab VM meets these)."""
+    if "ProviderNotFound" in kind or ("could not be found" in text and "provider" in text):
+        found = re.search(r"provider '([\w-]+)'", text)
+        name = found.group(1) if found else "PROVIDER"
+        if name == "libvirt":
+            plugin = "apt-get install vagrant-libvirt (or vagrant plugin install vagrant-libvirt)"
+        else:
+            plugin = f"vagrant plugin install vagrant-{name}"
+        return f"install the provider's plugin: {plugin}, or choose another with --provider"
+    if "libvirt-sock" in text or "libvirtd" in text:
+        return (
+            "libvirtd is not running: start `virtlogd -d` and `libvirtd -d` "
+            "(`usmlab up --lab` does)"
+        )
+    if "dnsmasq" in text:
+        return "a host tool is missing: apt-get install dnsmasq-base"
+    if (
+        "Could not resolve host" in text
+        or "BoxNotFound" in kind
+        or ("box" in text.lower() and ("could not be found" in text or "download" in text.lower()))
+    ):
+        return (
+            "no box reachable (offline?): `usmlab up --lab` builds a local one, or --box NAME of "
+            "a box already added (`vagrant box list`)"
+        )
+    return ""
 
 
 def readable_stderr(text: str) -> list[str]:
