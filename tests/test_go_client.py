@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 
+from usmlab.analysis.tuples import read_tuples
 from usmlab.certs import LabCerts, ensure_certs
 from usmlab.errors import UsmlabError
 from usmlab.kit.probe import mapped_libraries
@@ -524,6 +525,12 @@ def test_go_tls_probes_see_every_request_under_the_client_pid(
         assert seen("read", server.proc.pid) == expected  # the server's reads, under its pid
         read_calls = [m for m in map(TLS_READ_CALL.search, trace.read_text().splitlines()) if m]
         assert any(int(m.group(1)) == pid for m in read_calls)
+        # Each Go write's connection, followed from the *tls.Conn to its socket: the client's
+        # own local port to the server's port (all zeros would mean the pointer chain failed).
+        ports = {r["local_port"] for r in read_jsonl(log)}
+        tuples = [t for d, _, p, t in read_tuples(tracer_log) if d == "write" and p == pid]
+        assert len(tuples) >= 16, tracer_log.read_text()[-2000:]
+        assert {(t.sport in ports, t.dport) for t in tuples} == {(True, server.port)}
     finally:
         if reader is not None:
             stop(reader, signal.SIGTERM)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -634,3 +636,38 @@ def test_captures_on_their_own_connections_leave_the_verdict_as_it_was(lab: Lab)
     report = analyze_run(run_dir)
     assert report.outcome == "capture-works"
     assert report.tuples["wrong_tuple"] == {"count": 0, "of": 2}
+
+
+def test_a_tuple_the_tracer_could_not_read_is_unreadable_not_wrong(lab: Lab) -> None:
+    """All-zero tuples are the tracer's failed pointer reads (seen when a probe read the
+    wrong register): they must not turn a clean run into a misattribution."""
+    reqs = [lab.request(seq) for seq in range(2)]
+    for req in reqs:
+        lab.serve(req)
+        lab.captured(req)
+    zero = "usmlab-tuple write ts={} pid={} tid={} fd=0 true=0:0-0:0"
+    lines = [zero.format(int((r["start_mono"] + 0.001) * 1e9), CLIENT, CLIENT_TID) for r in reqs]
+    run_dir = lab.write()
+    (run_dir / "tracer.log").write_text("\n".join(lines) + "\n")
+    report = analyze_run(run_dir)
+    assert report.tuples["unreadable"] == 2
+    assert report.tuples["wrong_tuple"] == {"count": 0, "of": 2}
+    assert report.tuples["not_seen"] == 2
+    assert report.outcome == "capture-works"
+    assert "UNREADABLE 2" in "\n".join(render_table(report).splitlines())
+
+
+def test_analyze_json_prints_the_report_with_the_verdicts_exit_status(lab: Lab) -> None:
+    """`usmlab analyze RUN --json`: the report for scripts, the exit status unchanged."""
+    for req in [lab.request(seq) for seq in range(2)]:
+        lab.serve(req)  # served, never captured: missed, and no captures at all
+    run_dir = lab.write()
+    done = subprocess.run(
+        [sys.executable, "-m", "usmlab", "analyze", str(run_dir), "--json"],
+        capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    printed = json.loads(done.stdout)
+    assert printed == json.loads((run_dir / "report.json").read_text())
+    assert printed["requests"]["missed"] == 2
+    assert printed["outcome"] == "no-captures"
+    assert done.returncode == exit_status(analyze_run(run_dir)) == 3

@@ -35,7 +35,7 @@ def lab_overrides(tmp_path: Path) -> dict[str, object]:
         "lab_mode": True,
         "lab_kernel": str(kernel),
         "lab_initrd": str(initrd),
-        "lab_cmdline": box.KERNEL_CMDLINE,
+        "lab_cmdline": box.kernel_cmdline("amd64"),
         "lab_ssh_port": 42222,
         "lab_udp_port": 42300,
         "profile": "test",
@@ -77,14 +77,20 @@ def test_vagrantfile_validates_for_each_provider(tmp_path: Path, provider: str) 
 
 
 @NEEDS_VAGRANT
-def test_vagrantfile_validates_lab_mode_with_libvirt_options(tmp_path: Path) -> None:
-    settings = load_settings(tmp_path, {}, lab_overrides(tmp_path))
+@pytest.mark.parametrize("arch", ["amd64", "arm64"])
+def test_vagrantfile_validates_lab_mode_with_libvirt_options(tmp_path: Path, arch: str) -> None:
+    overrides = {**lab_overrides(tmp_path), "lab_arch": arch}
+    overrides["lab_cmdline"] = box.kernel_cmdline(arch)
+    settings = load_settings(tmp_path, {}, overrides)
     root = tmp_path / "vm"
     vagrant.prepare(root, settings, cwd=tmp_path)
     done = validate(root, "libvirt")
     assert done.returncode == 0, done.stderr + done.stdout
     lab = json.loads((root / ".usmlab" / "vm.json").read_text())["lab"]
     assert lab["ssh_port"] == 42222 and lab["udp_port"] == 42300
+    assert lab["arch"] == {"amd64": "x86_64", "arm64": "aarch64"}[arch]
+    assert lab["cmd_line"].count("console=") == 1
+    assert ("console=ttyAMA0" in lab["cmd_line"]) == (arch == "arm64")
 
 
 @NEEDS_VAGRANT
@@ -425,3 +431,28 @@ def test_usual_first_errors_have_a_next_step() -> None:
     assert "--lab" in vagrant.next_step("Vagrant::Errors::BoxNotFound", "")
     assert "dnsmasq-base" in vagrant.next_step("", "dnsmasq: command not found")
     assert vagrant.next_step("", "Timed out while waiting for the machine to boot.") == ""
+
+
+def _cached_box(cache: Path, key: str, arch: str) -> box.TestBox:
+    folder = cache / key
+    folder.mkdir(parents=True)
+    for name in (box.BOX_FILE, "vmlinuz", "initrd.img"):
+        (folder / name).write_bytes(b"x")
+    record = {"name": f"usmlab-test-{key}", "box_file": str(folder / box.BOX_FILE),
+              "kernel": str(folder / "vmlinuz"), "initrd": str(folder / "initrd.img"),
+              "cmd_line": box.kernel_cmdline(arch), "arch": arch}  # fmt: skip
+    (folder / "box.json").write_text(json.dumps(record))
+    found = box.cached_test_box(cache, key)
+    assert found is not None
+    return found
+
+
+def test_a_new_box_replaces_its_own_architectures_only(tmp_path: Path) -> None:
+    """Building the arm64 box must not throw away the x86_64 one (both are used)."""
+    old_arm = _cached_box(tmp_path, "aaaaaaaaaaaa", "arm64")
+    amd = _cached_box(tmp_path, "bbbbbbbbbbbb", "amd64")
+    new_arm = _cached_box(tmp_path, "cccccccccccc", "arm64")
+    kept = box.prune_stale_cache(new_arm, tmp_path, progress=lambda _: None)
+    assert kept == {new_arm.name, amd.name}
+    assert not old_arm.box_file.parent.exists()
+    assert amd.box_file.exists() and new_arm.box_file.exists()

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from usmlab.errors import UsmlabError
+from usmlab.errors import EXIT_USAGE, UsmlabError
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ def find_arch(name: object) -> Arch | None:
     return _BY_NAME.get(str(name or "").strip().lower())
 
 
-def require_arch(name: object, what: str = "architecture", exit_code: int = 1) -> Arch:
+def require_arch(name: object, what: str = "architecture", exit_code: int = EXIT_USAGE) -> Arch:
     """The architecture for any of its spellings; a one-line error naming the supported ones."""
     arch = find_arch(name)
     if arch is None:

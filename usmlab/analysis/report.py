@@ -364,6 +364,11 @@ def render_table(report: Report) -> str:
         lines.append(
             f"tuples           {t['wrong_tuple']['count']} of {t['client_writes']} client writes "
             f"on a connection no request used; requests without a tuple {t['not_seen']}"
+            + (
+                f"; UNREADABLE {t['unreadable']} (the tracer could not follow the connection)"
+                if t.get("unreadable")
+                else ""
+            )
         )
     if report.model is not None:
         m = report.model

@@ -7,6 +7,8 @@ client's local port and the server's port, from client.jsonl); a server read to 
 connection of a request it served (server.jsonl's peer port). A capture whose connection no
 such request explains names another connection: a `wrong-tuple` misattribution, per server
 port and overall. Requests with no tuple line at all are counted (`not_seen`), never guessed.
+A line whose ports are both 0 means the tracer could not follow the pointers to the socket
+(a failed read gives zeros): `unreadable`, a fault of the instrument, never a wrong tuple.
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
         if r.local_port is not None:
             key = (r.pid, r.local_port, r.remote_port)
             windows.setdefault(key, []).append((r.start - SLACK, r.end + SLACK, i))
-    writes = wrong = 0
+    writes = wrong = unreadable = 0
     seen: set[int] = set()
     per_server: dict[int, dict[str, int]] = {}
     examples: list[dict[str, Any]] = []
@@ -56,6 +58,9 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
         if direction != "write" or pid not in client_pids:
             continue
         writes += 1
+        if tup.sport == 0 and tup.dport == 0:
+            unreadable += 1
+            continue
         row = per_server.setdefault(tup.dport, {"writes": 0, "wrong_tuple": 0})
         row["writes"] += 1
         candidates = windows.get((pid, tup.sport, tup.dport), ())
@@ -72,6 +77,7 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
         "client_writes": writes,
         # Counts only: a default run should not pay for scipy's import (rates: analysis/rates.py).
         "wrong_tuple": {"count": wrong, "of": writes},
+        "unreadable": unreadable,
         "requests_seen": len(seen),
         "not_seen": connected - len(seen),
         "per_server": {str(port): row for port, row in sorted(per_server.items())},

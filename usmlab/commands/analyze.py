@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from usmlab.commands import friendly
+from usmlab.commands import JsonOption, friendly
 from usmlab.errors import UsageError
 
 
@@ -27,6 +27,7 @@ def analyze_cmd(
     ] = None,
     client_log: Annotated[Path | None, typer.Option(help="The client's client.jsonl.")] = None,
     out: Annotated[Path | None, typer.Option(help="Where report.json/report.md go.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Judge a run folder, or a raw trace_pipe capture, and print the verdict."""
     from usmlab.analysis.html import write_html_later
@@ -71,6 +72,9 @@ def analyze_cmd(
     write_report(report, destination)
     if run_dir is not None:
         write_html_later(destination)
-    print(render_table(report))
-    print(f"report: {destination / 'report.json'}")
+    if as_json:
+        print((destination / "report.json").read_text(), end="")
+    else:
+        print(render_table(report))
+        print(f"report: {destination / 'report.json'}")
     raise typer.Exit(exit_status(report))

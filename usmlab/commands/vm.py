@@ -45,9 +45,16 @@ def up_cmd(
         bool,
         typer.Option(help="This machine's local test VM: a small Debian box, libvirt under TCG."),
     ] = False,
+    arch: Annotated[
+        str | None,
+        typer.Option(help="arm64 or amd64. Default: the box's (arm64); with --lab this machine's."),
+    ] = None,
 ) -> None:
     """Create, start and provision the lab VM (quick when it is already up)."""
+    from usmlab.arch import require_arch
     from usmlab.vm import vagrant
+
+    arch = require_arch(arch, "--arch").go if arch else None
 
     overrides: dict[str, Any] = {
         "provider": provider, "box": box, "cpus": cpus, "memory": memory,
@@ -61,6 +68,12 @@ def up_cmd(
                    if getattr(kept, k) != v]  # fmt: skip
         if lab and not kept.lab_mode:
             changed.append("--lab (it is not a lab VM)")
+        if arch:
+            from usmlab.vm.box import host_debian_arch
+
+            has = (kept.lab_arch or host_debian_arch()) if kept.lab_mode else kept.box_architecture
+            if arch != has:
+                changed.append(f"--arch {arch} (it is {has})")
         if changed:
             raise UsageError(
                 f"the lab VM exists with other settings: {', '.join(changed)}; "
@@ -74,12 +87,16 @@ def up_cmd(
         print(f"VM {result.action} in {result.seconds:.1f} s (its settings kept)")
         return
     if lab:
-        from usmlab.vm.box import build_test_box
+        from usmlab.vm.box import build_test_box, require_emulator
         from usmlab.vm.libvirt_host import ensure_libvirt_daemons
 
+        require_emulator(arch)
         ensure_libvirt_daemons(say)
         given = {k: v for k, v in overrides.items() if v is not None}
-        overrides = {**build_test_box(progress=say).lab_settings(), "profile": "test", **given}
+        test_box = build_test_box(progress=say, arch=arch)
+        overrides = {**test_box.lab_settings(), "profile": "test", **given}
+    elif arch:
+        overrides["box_architecture"] = arch
     settings = _vm_settings(**overrides)
     for line in settings.describe():
         say(f"[vm] {line}")

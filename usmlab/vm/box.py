@@ -4,8 +4,9 @@ No box can be downloaded on a lab machine without internet, and a stock cloud im
 slowly under TCG. A debootstrap'ed Debian with sshd, python3 and bpftrace boots in about 20 s and is
 enough to run the lab's built-in tracer inside a VM. The image has no bootloader: the Vagrantfile
 boots its kernel directly (lab mode), so the kernel and initrd are kept next to the box file.
-The box uses the host's architecture: an arm64 guest under TCG on an x86_64 host is several times
-slower (the default for real users stays arm64 + bento, see settings.py).
+The box uses the host's architecture unless asked for another: an arm64 box on an x86_64 machine
+is built through qemu-user (binfmt.py) and boots under qemu-system-aarch64, several times slower
+than a native-architecture guest under TCG (docs/vm.md, "arm64").
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from usmlab.arch import find_arch
+from usmlab.arch import find_arch, require_arch
 from usmlab.errors import UsmlabError
+from usmlab.vm.binfmt import foreign_binaries
 from usmlab.vm.ticker import Ticker
 
 # Bump when the build steps change in a way the recipe below does not capture.
@@ -33,11 +35,13 @@ SUITE = "bookworm"
 DEFAULT_MIRROR = "http://deb.debian.org/debian"
 DEFAULT_CACHE_DIR = Path("/var/cache/usmlab/box")
 IMAGE_SIZE_GB = 4
-# console=ttyS0 sends boot messages to the serial log the lab Vagrantfile keeps; mitigations=off
-# because speculative-execution defences only slow an emulated CPU down.
+# console= sends boot messages to the serial log the lab Vagrantfile keeps (the PC UART on x86_64,
+# the PL011 of QEMU's arm "virt" machine on arm64); mitigations=off because speculative-execution
+# defences only slow an emulated CPU down.
 KERNEL_CMDLINE = (
-    "root=/dev/vda rw console=ttyS0 net.ifnames=0 systemd.show_status=0 mitigations=off"
+    "root=/dev/vda rw console={console} net.ifnames=0 systemd.show_status=0 mitigations=off"
 )
+SERIAL_CONSOLE = {"amd64": "ttyS0", "arm64": "ttyAMA0"}
 # The MAC of the guest's user-mode NIC (set by the lab Vagrantfile), and the addresses QEMU's
 # user-mode network expects: the guest is 10.0.2.15, where SSH is forwarded from 127.0.0.1.
 USER_NIC_MAC = "52:54:00:12:34:56"
@@ -141,6 +145,7 @@ class TestBox:
             "lab_kernel": str(self.kernel),
             "lab_initrd": str(self.initrd),
             "lab_cmdline": self.cmd_line,
+            "lab_arch": self.arch,
         }
 
 
@@ -240,11 +245,15 @@ def recipe(arch: str, public_key: str) -> dict[str, object]:
         "files": guest_files(public_key),
         "initrd_files": initrd_files(),
         "image_size_gb": IMAGE_SIZE_GB,
-        "cmd_line": KERNEL_CMDLINE,
+        "cmd_line": kernel_cmdline(arch),
         "unused_module_dirs": UNUSED_MODULE_DIRS,
         "masked_units": MASKED_UNITS,
         "ssh": "socket-activated",
     }
+
+
+def kernel_cmdline(arch: str) -> str:
+    return KERNEL_CMDLINE.format(console=SERIAL_CONSOLE.get(arch, "ttyS0"))
 
 
 def recipe_key(spec: dict[str, object]) -> str:
@@ -278,10 +287,14 @@ def build_test_box(
     cache_dir: Path | None = None,
     progress: Progress = print,
     mirror: str | None = None,
+    arch: str | None = None,
 ) -> TestBox:
-    """Return the test box for this machine, building it (about 2-3 min) unless cached."""
+    """Return the test box for arch (default: this machine's), building it unless cached.
+
+    The build takes 2-3 min natively, about 10 min for arm64 through qemu-user.
+    """
     cache_dir = cache_dir or default_cache_dir()
-    arch = host_debian_arch()
+    arch = require_arch(arch).go if arch else host_debian_arch()
     spec = recipe(arch, insecure_public_key())
     key = recipe_key(spec)
     found = cached_test_box(cache_dir, key)
@@ -303,15 +316,14 @@ BOX_PREFIX = "usmlab-test-"
 
 
 def prune_stale_boxes(current: TestBox, cache_dir: Path, progress: Progress = print) -> None:
-    """Remove test boxes of older recipes: cache folders, Vagrant boxes, libvirt volumes.
+    """Remove test boxes of older recipes for current's architecture: cache folders, Vagrant
+    boxes, libvirt volumes. The other architecture's box stays (both are used side by side).
 
-    Only names this module creates (usmlab-test-*) are touched, and a box or volume that a
-    machine still uses is kept (Vagrant refuses to remove a box in use without --force).
+    Only names this module creates (usmlab-test-*) are touched, a Vagrant box or volume is
+    removed only when no cached box has its name, and one a machine still uses is kept (Vagrant
+    refuses to remove a box in use without --force).
     """
-    for entry in sorted(cache_dir.iterdir()):
-        if entry.is_dir() and entry != current.box_file.parent and (entry / "box.json").exists():
-            shutil.rmtree(entry, ignore_errors=True)
-            progress(f"[box] removed stale cache {entry}")
+    kept = prune_stale_cache(current, cache_dir, progress)
     env = {**os.environ, "VAGRANT_CHECKPOINT_DISABLE": "1"}
     if shutil.which("vagrant"):
         listed = subprocess.run(
@@ -319,7 +331,7 @@ def prune_stale_boxes(current: TestBox, cache_dir: Path, progress: Progress = pr
         )
         for line in listed.stdout.splitlines():
             name = line.split(" ", 1)[0]
-            if name.startswith(BOX_PREFIX) and name != current.name:
+            if name.startswith(BOX_PREFIX) and name not in kept:
                 removed = subprocess.run(
                     ["vagrant", "box", "remove", name, "--provider", "libvirt", "--all"],
                     capture_output=True,
@@ -329,13 +341,29 @@ def prune_stale_boxes(current: TestBox, cache_dir: Path, progress: Progress = pr
                 )
                 if removed.returncode == 0:
                     progress(f"[box] removed stale Vagrant box {name}")
-    for volume in _stale_volumes(current):
+    for volume in _stale_volumes(kept):
         done = subprocess.run(["virsh", "vol-delete", volume], capture_output=True, check=False)
         if done.returncode == 0:
             progress(f"[box] removed stale libvirt volume {volume}")
 
 
-def _stale_volumes(current: TestBox) -> list[str]:
+def prune_stale_cache(current: TestBox, cache_dir: Path, progress: Progress = print) -> set[str]:
+    """Remove cache folders of current's architecture but other recipes; return the names of
+    the boxes still cached (current's and the other architecture's)."""
+    kept = {current.name}
+    for entry in sorted(cache_dir.iterdir()):
+        if not entry.is_dir() or entry == current.box_file.parent:
+            continue
+        other = cached_test_box(cache_dir, entry.name)
+        if other is not None and other.arch != current.arch:
+            kept.add(other.name)
+        elif (entry / "box.json").exists():
+            shutil.rmtree(entry, ignore_errors=True)
+            progress(f"[box] removed stale cache {entry}")
+    return kept
+
+
+def _stale_volumes(kept: set[str]) -> list[str]:
     """Paths of older test-box volumes in libvirt's default pool that no domain's disk uses."""
     if shutil.which("virsh") is None:
         return []
@@ -347,7 +375,7 @@ def _stale_volumes(current: TestBox) -> list[str]:
         for parts in (line.split() for line in listed.stdout.splitlines())
         if len(parts) == 2
         and parts[0].startswith(BOX_PREFIX)
-        and not parts[0].startswith(current.name + "_")
+        and not any(parts[0].startswith(name + "_") for name in kept)
     ]
     if not candidates:
         return []
@@ -382,6 +410,17 @@ def _backing_files_in_use() -> set[str]:
     return used
 
 
+def require_emulator(arch: str | None) -> None:
+    """The QEMU system emulator that boots arch's box (qemu-system-aarch64 for arm64)."""
+    kernel_name = require_arch(arch or host_debian_arch()).kernel
+    if shutil.which(f"qemu-system-{kernel_name}") is None:
+        package = "qemu-system-arm" if kernel_name == "aarch64" else "qemu-system-x86"
+        raise BoxBuildError(
+            f"qemu-system-{kernel_name} not found, needed to boot the {kernel_name} lab VM: "
+            f"apt-get install {package}"
+        )
+
+
 def _require_build_tools() -> None:
     if os.geteuid() != 0:
         raise BoxBuildError("building the test box needs root (debootstrap, chroot)")
@@ -414,35 +453,17 @@ def _build(
     log = work / "build.log"
     rootfs = work / "rootfs"
     arch = str(spec["arch"])
-    packages = [str(p) for p in spec["packages"]]  # type: ignore[attr-defined]
     started = time.monotonic()
 
     def step(message: str) -> None:
         progress(f"[box] {time.monotonic() - started:5.0f}s {message}")
 
-    step(f"debootstrap {SUITE} {arch} from {mirror} (about 2 min)")
-    # dpkg's fsync per file dominates the install on small machines; a throwaway build tree does
-    # not need it. The setting is removed before the image is made.
-    unsafe_io = rootfs / "etc/dpkg/dpkg.cfg.d/usmlab-build-unsafe-io"
-    _write_files(rootfs, {str(unsafe_io.relative_to(rootfs)): ("force-unsafe-io\n", 0o644)})
-    _write_files(rootfs, initrd_files())
-    with Ticker(progress, "debootstrap", every=15.0):
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--arch={arch}",
-                f"--include={','.join(packages)}",
-                SUITE,
-                str(rootfs),
-                mirror,
-            ],
-            log,
-            "debootstrap",
-        )
-    unsafe_io.unlink()
-    step("configuring the guest (vagrant user, sshd, networkd, small initrd)")
-    _configure_guest(rootfs, spec["files"], log)  # type: ignore[arg-type]
+    if arch == host_debian_arch():
+        _install_guest(rootfs, log, spec, mirror, step, progress)
+    else:
+        step(f"{arch} on {host_debian_arch()}: the guest's programs run through qemu-user")
+        with foreign_binaries(require_arch(arch)):
+            _install_guest(rootfs, log, spec, mirror, step, progress)
     kernel, initrd = _copy_boot_files(rootfs, work)
     step(f"making the disk image ({IMAGE_SIZE_GB} GB ext4, qcow2)")
     raw = work / "root.raw"
@@ -477,7 +498,7 @@ def _build(
         box_file=final / BOX_FILE,
         kernel=final / kernel.name,
         initrd=final / initrd.name,
-        cmd_line=KERNEL_CMDLINE,
+        cmd_line=str(spec["cmd_line"]),
         arch=arch,
     )
     record = {
@@ -493,6 +514,43 @@ def _build(
     (final / "box.json").write_text(json.dumps(record, indent=2) + "\n")
     step(f"{box.name} ready in {final}")
     return box
+
+
+def _install_guest(
+    rootfs: Path,
+    log: Path,
+    spec: dict[str, object],
+    mirror: str,
+    step: Progress,
+    progress: Progress,
+) -> None:
+    """debootstrap the guest's packages into rootfs, then configure it for Vagrant."""
+    arch = str(spec["arch"])
+    packages = [str(p) for p in spec["packages"]]  # type: ignore[attr-defined]
+    native = arch == host_debian_arch()
+    step(f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 10} min)")
+    # dpkg's fsync per file dominates the install on small machines; a throwaway build tree does
+    # not need it. The setting is removed before the image is made.
+    unsafe_io = rootfs / "etc/dpkg/dpkg.cfg.d/usmlab-build-unsafe-io"
+    _write_files(rootfs, {str(unsafe_io.relative_to(rootfs)): ("force-unsafe-io\n", 0o644)})
+    _write_files(rootfs, initrd_files())
+    with Ticker(progress, "debootstrap", every=15.0):
+        _run(
+            [
+                "debootstrap",
+                "--variant=minbase",
+                f"--arch={arch}",
+                f"--include={','.join(packages)}",
+                SUITE,
+                str(rootfs),
+                mirror,
+            ],
+            log,
+            "debootstrap",
+        )
+    unsafe_io.unlink()
+    step("configuring the guest (vagrant user, sshd, networkd, small initrd)")
+    _configure_guest(rootfs, spec["files"], log)  # type: ignore[arg-type]
 
 
 def _configure_guest(rootfs: Path, files: dict[str, tuple[str, int]], log: Path) -> None:

@@ -60,6 +60,8 @@ class VmSettings:
     lab_kernel: str = ""
     lab_initrd: str = ""
     lab_cmdline: str = ""
+    # The test box's architecture (amd64, arm64); "" = this machine's.
+    lab_arch: str = ""
     # 0: pick a free port on 127.0.0.1 when the VM is created.
     lab_ssh_port: int = 0
     lab_udp_port: int = 0
@@ -161,6 +163,11 @@ def _validate(s: VmSettings, cwd: Path) -> None:
     if s.provider and s.provider not in PROVIDERS:
         raise UsageError(
             f"unknown provider {s.provider!r} ({where('provider')}): use {', '.join(PROVIDERS)}"
+        )
+    if s.lab_arch and s.lab_arch not in ARCHITECTURES:
+        raise UsageError(
+            f"unknown lab architecture {s.lab_arch!r} ({where('lab_arch')}): "
+            f"use {' or '.join(ARCHITECTURES)}"
         )
     if s.box_architecture and s.box_architecture not in ARCHITECTURES:
         raise UsageError(

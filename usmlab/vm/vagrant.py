@@ -23,8 +23,9 @@ from pathlib import Path
 
 import vagrant as python_vagrant
 
+from usmlab.arch import require_arch
 from usmlab.errors import UsmlabError
-from usmlab.vm.box import USER_NIC_MAC
+from usmlab.vm.box import USER_NIC_MAC, host_debian_arch
 from usmlab.vm.provision import ProvisionScript, render_provision, write_provision
 from usmlab.vm.settings import AGENT_MOUNT, VmSettings, resolved_agent_path
 from usmlab.vm.ticker import Ticker
@@ -158,6 +159,8 @@ def vagrant_config(
             "kernel": settings.lab_kernel,
             "initrd": settings.lab_initrd,
             "cmd_line": settings.lab_cmdline,
+            # QEMU's name for it (x86_64, aarch64): the Vagrantfile picks the machine by it.
+            "arch": require_arch(settings.lab_arch or host_debian_arch()).kernel,
             "ssh_port": ssh_port,
             "udp_port": udp_port,
             "console_log": str(paths.console_log),
