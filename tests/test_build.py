@@ -97,3 +97,14 @@ def test_missing_checkout_and_bad_arch_are_one_line_errors(sshd_server, tmp_path
     bad = run_usmlab("build", "--arch", "sparc", "--target", "local")
     assert bad.returncode == 2
     assert "unknown arch" in bad.stderr
+
+
+def test_a_target_without_dda_is_a_one_line_error_with_the_way_to_get_it(sshd_server, tmp_path):
+    """The lab VM's test profile has no dda: say so before streaming a failed build."""
+    checkout = tmp_path / "datadog-agent"
+    checkout.mkdir()
+    done = run_usmlab(*build_args(sshd_server, checkout, tmp_path))
+    assert done.returncode == EXIT_FAILED
+    assert "dda is not installed on the target" in done.stderr
+    assert "usmlab up --profile full" in done.stderr
+    assert "Traceback" not in done.stderr and "build: dda inv" not in done.stderr

@@ -200,9 +200,23 @@ def test_the_vm_keeps_its_settings_through_up_halt_and_up_again(lab_vm: LabVm) -
     assert vagrant.ssh_details(lab_vm.root)["port"] == port
     shell = _usmlab(lab_vm.root, "ssh", "--", "uname", "-s", timeout=120)
     assert shell.returncode == 0 and "Linux" in shell.stdout, shell.stderr
+    # doctor and build default to the VM too, and say what is missing there.
+    doctor = _usmlab(lab_vm.root, "doctor", "--json", "--port", "18443")
+    assert doctor.returncode in (0, 4) and "Traceback" not in doctor.stderr, doctor.stderr
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)}
+    kernel = checks["kernel version"]["detail"]
+    assert kernel.startswith("Linux 6.1."), kernel  # the VM's Debian 12, not this host
+    build = _usmlab(lab_vm.root, "build")
+    assert build.returncode == 4
+    assert "no datadog-agent checkout at /git/datadog-agent on the target" in build.stderr
 
 
 def test_destroy_removes_the_vm(lab_vm: LabVm) -> None:
-    vagrant.destroy(lab_vm.root, progress=_say)
+    destroyed = _usmlab(lab_vm.root, "destroy")
+    assert destroyed.returncode == 0, destroyed.stderr
     assert not vagrant.vm_exists(lab_vm.root)
     assert vagrant.status(lab_vm.root) == "not_created"
+    # The VM is gone: `test` must not fall back to root eBPF on this host.
+    after = _usmlab(lab_vm.root, "test", "scenario1", timeout=120)
+    assert after.returncode == 2
+    assert "the lab VM recorded in .usmlab/ is gone" in after.stderr, after.stderr

@@ -9,6 +9,7 @@ from typing import Annotated
 import typer
 
 from usmlab.commands import IdentityOption, JsonOption, TargetOption, WorkDirOption, friendly
+from usmlab.errors import EXIT_FAILED
 
 
 @friendly
@@ -34,4 +35,5 @@ def doctor_cmd(
         print(json.dumps([dataclasses.asdict(c) for c in checks], indent=2))
     else:
         print(render_checks(checks))
-    raise typer.Exit(1 if failed(checks) else 0)
+    # Not 1: that status means "misattribution found" everywhere else (README, exit codes).
+    raise typer.Exit(EXIT_FAILED if failed(checks) else 0)

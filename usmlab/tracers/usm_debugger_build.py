@@ -65,6 +65,22 @@ def _first_line(target: Target, script: str) -> str | None:
     return lines[0] if result.ok and lines else None
 
 
+# What `dda inv system-probe.build-usm-debugger` needs on the target's login PATH, and the way
+# to get each (the lab VM's test profile skips both; docs/vm.md).
+BUILD_TOOLS = {
+    "dda": "the full provisioning profile installs it (`usmlab up --profile full`; a test-profile "
+    "VM: `usmlab destroy` first), or `pipx install dda` on the target",
+    "go": "the full provisioning profile installs the checkout's .go-version (`usmlab up "
+    "--profile full`; a test-profile VM: `usmlab destroy` first)",
+}
+
+
+def _require_build_tools(target: Target) -> None:
+    for tool, remedy in BUILD_TOOLS.items():
+        if _first_line(target, f"command -v {shlex.quote(tool)}") is None:
+            raise UsmlabError(f"{tool} is not installed on the target: {remedy}")
+
+
 def build_usm_debugger(
     target: Target,
     *,
@@ -81,6 +97,7 @@ def build_usm_debugger(
             f"no datadog-agent checkout at {agent_dir} on the target "
             "(set agent_path in usmlab.toml and run `usmlab up`)"
         )
+    _require_build_tools(target)
     machine = target.run(["uname", "-m"]).stdout.strip()
     arch = normalize_arch(arch or machine)
     log = target.join(target.work_dir, "build.log")
