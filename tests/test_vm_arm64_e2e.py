@@ -11,46 +11,28 @@ Needs what test_vm_e2e needs plus qemu-user-static and qemu-system-arm; USMLAB_R
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from vm_requirements import missing_tools, require
 
 from usmlab.arch import ARM64
 from usmlab.vm import binfmt, libvirt_host, vagrant
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
-TOOLS = (
-    "vagrant", "virsh", "libvirtd", "virtlogd", "debootstrap", "qemu-img", "ssh",
-    "qemu-system-aarch64",
-)  # fmt: skip
 
-
-def _missing_requirements() -> list[str]:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
+@pytest.fixture(scope="module", autouse=True)
+def _requirements() -> None:
+    missing = missing_tools("qemu-system-aarch64", "go")
     try:
         binfmt.registration_line(ARM64)
     except binfmt.BinfmtError:
         missing.append("qemu-user-static")
-    if shutil.which("go") is None:
-        missing.append("go (cross-builds the Go client for arm64)")
-    if os.geteuid() != 0:
-        missing.append("root")
-    return missing
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _requirements() -> None:
-    missing = _missing_requirements()
-    if missing and os.environ.get("USMLAB_REQUIRE_VM_TESTS") == "1":
-        pytest.fail(f"arm64 VM tests required but missing: {', '.join(missing)}")
-    if missing:
-        pytest.skip(f"arm64 VM tests need {', '.join(missing)}")
+    require(missing, "arm64 VM tests")
 
 
 def _usmlab(root: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:

@@ -10,8 +10,6 @@ debootstrap; set USMLAB_REQUIRE_VM_TESTS=1 (CI does) to fail instead of skipping
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -19,33 +17,20 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from vm_requirements import missing_tools, require
 
 from usmlab.vm import box, libvirt_host, vagrant
 from usmlab.vm.settings import VmSettings, load_settings
 
 pytestmark = [pytest.mark.slow, pytest.mark.root]
 
-TOOLS = ("vagrant", "virsh", "libvirtd", "virtlogd", "debootstrap", "qemu-img", "ssh")
 QEMU = {"amd64": "qemu-system-x86_64", "arm64": "qemu-system-aarch64"}
-
-
-def _missing_requirements() -> list[str]:
-    missing = [tool for tool in TOOLS if shutil.which(tool) is None]
-    qemu = QEMU.get(box.host_debian_arch(), "qemu-system-" + box.host_debian_arch())
-    if shutil.which(qemu) is None:
-        missing.append(qemu)
-    if os.geteuid() != 0:
-        missing.append("root")
-    return missing
 
 
 @pytest.fixture(scope="module", autouse=True)
 def _requirements() -> None:
-    missing = _missing_requirements()
-    if missing and os.environ.get("USMLAB_REQUIRE_VM_TESTS") == "1":
-        pytest.fail(f"VM tests required but missing: {', '.join(missing)}")
-    if missing:
-        pytest.skip(f"VM tests need {', '.join(missing)}")
+    arch = box.host_debian_arch()
+    require(missing_tools(QEMU.get(arch, "qemu-system-" + arch)), "VM tests")
 
 
 def _say(message: str) -> None:
