@@ -24,6 +24,8 @@ from usmlab.analysis.rates import rate
 from usmlab.jsonlines import read_jsonl
 from usmlab.manifest import Manifest
 
+# A client's logged close and the model's probe on it are this close at most (same clock).
+CLOSE_MATCH_S = 0.05
 _LINE = re.compile(r"usmlab-model (write|close|tcp_close) (.*)")
 _FIELD = re.compile(r"(\w+)=(\S*)")
 VIA = {0: "conn", 1: "fd", 2: "socket"}
@@ -80,6 +82,8 @@ class ModelTrace:
     closes: int = 0
     close_hits: int = 0
     socket_closes: list[tuple[float, int, int, Tuple4, bool]] = field(default_factory=list)
+    # (pid, tls.Conn address as an int) -> the probe times of its closes
+    close_times: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
 
 REPEAT_WINDOW = 0.05  # seconds
@@ -126,6 +130,8 @@ def read_model_trace(path: Path) -> ModelTrace:
             elif match[1] == "close":
                 trace.closes += 1
                 trace.close_hits += f.get("hit") == "1"
+                key = (int(f["pid"]), int(f["conn"], 16))
+                trace.close_times.setdefault(key, []).append(ts)
             else:
                 trace.socket_closes.append(
                     (ts, int(f["pid"]), int(f["fd"]), Tuple4.parse(f["true"]), f["found"] == "1")
@@ -150,15 +156,22 @@ def predict(
     requests: list[dict[str, Any]],
     conn_events: list[dict[str, Any]],
     socket_closes: Iterable[tuple[float, int, int, Tuple4, bool]],
+    probe_times: ProbeTimes | None = None,
 ) -> dict[str, int]:
     """Replay the modelled caches over the client's own record of its connections.
 
     Each connection's first request is its first write (a miss fills the entry, a live entry
     of another connection under the same key is a stale answer); a tls.Conn close deletes its
     key; a socket close (in its own process) deletes its (pid, fd) entry.
+
+    What is replayed (addresses, fds, ports, which close ends which connection) comes from the
+    client's logs alone. When the events happened comes from the probes where they saw them:
+    the logs time the calls, not the instants the caches change, and two processes' events
+    a fraction of a millisecond apart would otherwise replay in either order.
     """
-    # A connection's first write follows its handshake: its `open` event, logged after the
-    # handshake, is the time to replay it at (the request started before the dial).
+    times = probe_times or ProbeTimes()
+    # Without a probe time, a connection's first write follows its handshake: its `open`
+    # event, logged after the handshake (the request started before the dial).
     opened = {
         (e.get("pid"), e.get("conn_id")): float(e["mono"])
         for e in conn_events
@@ -167,14 +180,16 @@ def predict(
     events: list[tuple[float, int, Any]] = []
     for request in requests:
         if request.get("tls_conn") and request.get("local_port") is not None:
-            at = max(
+            at = times.first_write.get(
+                (request.get("pid"), request["local_port"], _server_port(request))
+            ) or max(
                 float(request["start_mono"]),
                 opened.get((request.get("pid"), request.get("conn_id")), 0.0),
             )
             events.append((at, 1, request))
     for event in conn_events:
         if event.get("event") == "close":
-            events.append((float(event["mono"]), 0, event))
+            events.append((times.close(event), 0, event))
     for ts, pid, fd, tup, found in socket_closes:
         if found:
             events.append((ts, 0, {"event": "socket", "pid": pid, "fd": fd, "sport": tup.sport}))
@@ -223,6 +238,31 @@ def predict(
             "reused_addresses": reused}  # fmt: skip
 
 
+@dataclass
+class ProbeTimes:
+    """When the model's probes saw each connection's first write and each tls.Conn close."""
+
+    first_write: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    closes: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, writes: list[Write], trace: ModelTrace) -> ProbeTimes:
+        first: dict[tuple[int, int, int], float] = {}
+        for w in sorted(writes, key=lambda w: w.ts):
+            first.setdefault((w.pid, w.true.sport, w.true.dport), w.ts)
+        return cls(first, trace.close_times)
+
+    def close(self, event: dict[str, Any]) -> float:
+        """The probe time of a logged close: the nearest close of that tls.Conn in that pid."""
+        logged = float(event["mono"])
+        try:
+            key = (int(event["pid"]), int(str(event["tls_conn"]), 16))
+        except (KeyError, ValueError):
+            return logged
+        near = [t for t in self.closes.get(key, ()) if abs(t - logged) < CLOSE_MATCH_S]
+        return min(near, key=lambda t: abs(t - logged)) if near else logged
+
+
 def _server_port(request: dict[str, Any]) -> int:
     port = str(request.get("remote") or "").rpartition(":")[2]
     return int(port) if port.isdigit() else 0
@@ -251,7 +291,9 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
     for w in writes:
         first_writes.setdefault((w.pid, w.true), w)
     reused = sum(1 for w in first_writes.values() if w.via == "conn")
-    predicted = predict(key_kind, fd_cache, requests, conn_events, trace.socket_closes)
+    predicted = predict(
+        key_kind, fd_cache, requests, conn_events, trace.socket_closes, ProbeTimes.of(writes, trace)
+    )
     judged = judge_requests(requests, writes)
     section: dict[str, Any] = {
         "key": key_kind,

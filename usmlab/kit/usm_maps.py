@@ -165,10 +165,19 @@ def main(argv):
         for info in maps:
             print(json.dumps(info))
         return 0 if maps else EXIT_NONE_FOUND
+    STOP.install()
+    if not maps:
+        # The tracer creates its maps while it loads, after this starts: look until it has.
+        print("waiting for USM's maps (%s)" % ", ".join(MAPS), flush=True)
+    while not maps and not STOP.set:
+        time.sleep(args.every / 1000.0)
+        try:
+            maps = find(pids)
+        except (OSError, ValueError):
+            continue
     if not maps:
         print("error: no USM map found (%s)" % ", ".join(MAPS), file=sys.stderr)
         return EXIT_NONE_FOUND
-    STOP.install()
     print("dumping %s every %d ms" % (", ".join(m["role"] for m in maps), args.every), flush=True)
     rounds = 0
     with open(args.out, "a") as out:

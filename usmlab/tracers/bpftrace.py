@@ -6,6 +6,7 @@ templates of one program; both take these from here. See docs/tracers.md.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -34,3 +35,16 @@ def render_template(name: str, **values: Any) -> str:
     if "run_id" in values:
         values.setdefault("run_tag", run_tag(str(values["run_id"])))
     return _ENV.get_template(name).render(**values)
+
+
+def with_end(program: str) -> str:
+    """program plus the one END probe bpftrace allows, clearing every map the parts use.
+
+    The templates (OpenSSL, Go, the USM model) are pieces of one program and cannot each have
+    an END; without one, bpftrace prints every map left at exit into the tracer's log.
+    """
+    maps = sorted(set(re.findall(r"@usmlab_\w+", program)))
+    if not maps:
+        return program
+    clears = "".join(f"  clear({name});\n" for name in maps)
+    return f"{program}\nEND\n{{\n{clears}}}\n"

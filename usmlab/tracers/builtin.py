@@ -15,7 +15,13 @@ from pathlib import Path
 from usmlab.errors import UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.tracers import Tracer, TracerContext
-from usmlab.tracers.bpftrace import ATTACHED_MARK, LINE_MAX, STRLEN_ENV, render_template
+from usmlab.tracers.bpftrace import (
+    ATTACHED_MARK,
+    LINE_MAX,
+    STRLEN_ENV,
+    render_template,
+    with_end,
+)
 from usmlab.tracers.go_tls import check_go_binary, render_go_probes
 
 SSL_FUNCTIONS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex")
@@ -67,7 +73,7 @@ class BuiltinTracer(Tracer):
         functions = {lib: names for lib, names in functions.items() if set(names) - {SET_FD}}
         if not functions:
             raise UsmlabError(f"none of {', '.join(SSL_FUNCTIONS)} found in {libraries[0]}")
-        program = render_program(ctx.run_id, functions) + self.go_probes(ctx, target)
+        program = with_end(render_program(ctx.run_id, functions) + self.go_probes(ctx, target))
         local_copy = Path(ctx.facts["local_run_dir"]) / PROGRAM_NAME
         local_copy.write_text(program)
         remote_program = target.join(ctx.run_dir, PROGRAM_NAME)
