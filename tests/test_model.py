@@ -85,6 +85,31 @@ def test_the_prediction_replays_each_key_over_the_client_logs() -> None:
     assert predict("pointer", True, fd_only, [], sockets)["stale_fd"] == 1
 
 
+def test_one_local_port_to_two_servers_is_two_connections_to_the_prediction() -> None:
+    """Seen at 100,000 requests: port 48498 went to server A, then (same fd, no socket close
+    seen) to server B; the fd cache answered B with A's tuple. An entry is its whole
+    connection, not its local port, or that stale answer is predicted as a hit."""
+    to_a = _request(0, 48498, "u0", 279, 1.0)
+    to_b = {**_request(1, 48498, "u1", 279, 2.0), "remote": "127.0.0.1:9443"}
+    assert predict("pointer", True, [to_a, to_b], [], [])["stale_fd"] == 1
+    # A's socket closed (its ports both match): B's first write fills a fresh entry.
+    closed = [(1.5, 7, 279, Tuple4("127.0.0.1", 48498, "127.0.0.1", 8443), True)]
+    assert predict("pointer", True, [to_a, to_b], [], closed)["stale_fd"] == 0
+
+
+def test_probe_times_order_the_replay_where_the_logs_cannot() -> None:
+    """Another process's Close logged after a write it preceded (the logs time the calls):
+    with the probes' times the replay sees the close first, as the caches did."""
+    from usmlab.analysis.model import ProbeTimes
+
+    first = {**_request(0, 40001, "c1", 5, 1.0), "pid": 8}
+    second = _request(1, 40002, "c1", 6, 2.0)  # pid 7, the same tls.Conn address
+    close = [{"event": "close", "pid": 8, "tls_conn": "c1", "mono": 2.0005}]  # logged late
+    assert predict("pointer", False, [first, second], close, [])["stale"] == 1
+    times = ProbeTimes(writes={(7, 40002, 8443): [2.001]}, closes={(8, 0xC1): [1.9995]})
+    assert predict("pointer", False, [first, second], close, [], times)["stale"] == 0
+
+
 def test_rates_carry_their_count_and_an_exact_interval() -> None:
     assert rate(0, 132_659)["text"] == "0 of 132,659: < 2.3e-5"
     r = rate(23, 2776)

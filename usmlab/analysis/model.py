@@ -12,6 +12,7 @@ The two counts must agree; a difference is reported, never hidden.
 
 from __future__ import annotations
 
+import bisect
 import re
 import socket
 import struct
@@ -180,9 +181,7 @@ def predict(
     events: list[tuple[float, int, Any]] = []
     for request in requests:
         if request.get("tls_conn") and request.get("local_port") is not None:
-            at = times.first_write.get(
-                (request.get("pid"), request["local_port"], _server_port(request))
-            ) or max(
+            at = times.write(request) or max(
                 float(request["start_mono"]),
                 opened.get((request.get("pid"), request.get("conn_id")), 0.0),
             )
@@ -192,10 +191,13 @@ def predict(
             events.append((times.close(event), 0, event))
     for ts, pid, fd, tup, found in socket_closes:
         if found:
-            events.append((ts, 0, {"event": "socket", "pid": pid, "fd": fd, "sport": tup.sport}))
+            socket = {"event": "socket", "pid": pid, "fd": fd, "ports": (tup.sport, tup.dport)}
+            events.append((ts, 0, socket))
     events.sort(key=lambda e: (e[0], e[1]))
-    conn_cache: dict[tuple[Any, ...], tuple[int, int]] = {}  # key -> (pid, local port) cached
-    fd_entries: dict[tuple[int, int], tuple[int, int]] = {}
+    # An entry is the connection it was filled from: (pid, local port, server port); one local
+    # port serves connections to two servers at once.
+    conn_cache: dict[tuple[Any, ...], tuple[int, int, int]] = {}
+    fd_entries: dict[tuple[int, int], tuple[int, int, int]] = {}
     netfd_of: dict[tuple[int, str], str] = {}
     stale = {"conn": 0, "fd": 0}
     reused = 0
@@ -207,10 +209,11 @@ def predict(
             continue
         if item.get("event") == "socket":
             entry = fd_entries.get((item["pid"], item["fd"]))
-            if entry is not None and entry[1] == item["sport"]:
+            if entry is not None and entry[1:] == item["ports"]:
                 del fd_entries[(item["pid"], item["fd"])]
             continue
         pid, port = int(item["pid"]), int(item["local_port"])
+        me = (pid, port, _server_port(item))
         conn, netfd = str(item["tls_conn"]), str(item.get("net_fd") or "")
         netfd_of[(pid, conn)] = netfd
         key = _key(key_kind, pid, conn, netfd)
@@ -221,15 +224,15 @@ def predict(
         if cached is not None:
             if first:
                 reused += 1
-            if cached != (pid, port):
+            if cached != me:
                 stale["conn"] += 1
             continue
-        answer = (pid, port)
+        answer = me
         if fd_cache and item.get("fd") is not None:
             slot = (pid, int(item["fd"]))
             if slot in fd_entries:
                 answer = fd_entries[slot]
-                if answer != (pid, port):
+                if answer != me:
                     stale["fd"] += 1
             else:
                 fd_entries[slot] = answer
@@ -240,17 +243,28 @@ def predict(
 
 @dataclass
 class ProbeTimes:
-    """When the model's probes saw each connection's first write and each tls.Conn close."""
+    """When the model's probes saw each request's write and each tls.Conn close."""
 
-    first_write: dict[tuple[int, int, int], float] = field(default_factory=dict)
+    # (pid, local port, server port) -> the probe times of the writes on it, in order
+    writes: dict[tuple[int, int, int], list[float]] = field(default_factory=dict)
     closes: dict[tuple[int, int], list[float]] = field(default_factory=dict)
 
     @classmethod
     def of(cls, writes: list[Write], trace: ModelTrace) -> ProbeTimes:
-        first: dict[tuple[int, int, int], float] = {}
+        by_conn: dict[tuple[int, int, int], list[float]] = {}
         for w in sorted(writes, key=lambda w: w.ts):
-            first.setdefault((w.pid, w.true.sport, w.true.dport), w.ts)
-        return cls(first, trace.close_times)
+            by_conn.setdefault((w.pid, w.true.sport, w.true.dport), []).append(w.ts)
+        return cls(by_conn, trace.close_times)
+
+    def write(self, request: dict[str, Any]) -> float | None:
+        """The probe time of the request's write: the first on its connection after it began
+        (a local port serves many connections over a long run)."""
+        key = (request.get("pid"), request.get("local_port"), _server_port(request))
+        times = self.writes.get(key)  # type: ignore[arg-type]
+        if not times:
+            return None
+        index = bisect.bisect_left(times, float(request["start_mono"]))
+        return times[index] if index < len(times) else None
 
     def close(self, event: dict[str, Any]) -> float:
         """The probe time of a logged close: the nearest close of that tls.Conn in that pid."""
@@ -284,7 +298,11 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         for p in manifest.names("client")
         for e in read_jsonl(run_dir / conn_log_name(p), missing_ok=True)
     ]
-    writes, repeats = drop_repeats(trace.writes)
+    every_write, repeats = drop_repeats(trace.writes)
+    # The clients' writes: the prediction knows only what the clients logged. A Go server's
+    # responses go through the same probes; they are counted apart.
+    client_pids = {r.get("pid") for r in requests}
+    writes = [w for w in every_write if w.pid in client_pids]
     stale = [w for w in writes if w.stale]
     connections = {(w.pid, w.true) for w in writes}
     first_writes: dict[tuple[int, Tuple4], Write] = {}
@@ -299,6 +317,7 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         "key": key_kind,
         "fd_cache": fd_cache,
         "writes": len(writes),
+        "other_writes": len(every_write) - len(writes),
         "repeated_entries": repeats,
         "closes": trace.closes,
         "close_hits": trace.close_hits,
