@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -456,3 +457,19 @@ def test_a_new_box_replaces_its_own_architectures_only(tmp_path: Path) -> None:
     assert kept == {new_arm.name, amd.name}
     assert not old_arm.box_file.parent.exists()
     assert amd.box_file.exists() and new_arm.box_file.exists()
+
+
+@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
+def test_no_box_reachable_names_the_cause_and_the_offline_ways(tmp_path: Path) -> None:
+    """Real Vagrant, a box URL nothing answers (on loopback: the lab never goes further)."""
+    env = {**os.environ, "USMLAB_VM_BOX_URL": "http://127.0.0.1:9/usmlab-none.box"}
+    done = subprocess.run(
+        [sys.executable, "-m", "usmlab", "up", "--provider", "libvirt", "--box", "usmlab-none",
+         "--profile", "test"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 4
+    error = done.stderr.strip().splitlines()[-1]
+    assert error.startswith("usmlab: error: vagrant up failed")
+    assert "error while downloading" in error
+    assert "`usmlab up --lab` builds a local one" in error and "--box NAME" in error
