@@ -162,7 +162,8 @@ def test_dropped_connections_meet_address_reuse_and_the_model_agrees_with_the_pr
         model = report["model"]
         assert model["agree"], model.get("finding")
         assert model["stale_observed"]["count"] == model["stale_predicted"]["count"]
-        assert model["writes"] == 120
+        assert model["request_writes"] == 120  # a request may write twice: judged once
+        assert model["writes"] >= 120
         stale[key] = model["requests"]["stale_tuple"]["count"]
         assert code == (1 if stale[key] else 0), err
     assert stale["pointer"] > 0  # the theory, reproduced on real Go runtime memory

@@ -303,20 +303,27 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
     # responses go through the same probes; they are counted apart.
     client_pids = {r.get("pid") for r in requests}
     writes = [w for w in every_write if w.pid in client_pids]
-    stale = [w for w in writes if w.stale]
+    times = ProbeTimes.of(writes, trace)
+    # A request may write more than once (headers, then body); the caches answer its first
+    # write, and the prediction replays requests: each is judged by its first write.
+    firsts = {
+        (r.get("pid"), r.get("local_port"), _server_port(r), times.write(r)) for r in requests
+    }
+    request_writes = [w for w in writes if (w.pid, w.true.sport, w.true.dport, w.ts) in firsts]
+    stale = [w for w in request_writes if w.stale]
     connections = {(w.pid, w.true) for w in writes}
     first_writes: dict[tuple[int, Tuple4], Write] = {}
     for w in writes:
         first_writes.setdefault((w.pid, w.true), w)
     reused = sum(1 for w in first_writes.values() if w.via == "conn")
-    predicted = predict(
-        key_kind, fd_cache, requests, conn_events, trace.socket_closes, ProbeTimes.of(writes, trace)
-    )
-    judged = judge_requests(requests, writes)
+    predicted = predict(key_kind, fd_cache, requests, conn_events, trace.socket_closes, times)
+    judged = judge_requests(requests, request_writes)
+    judged_writes = len(request_writes)
     section: dict[str, Any] = {
         "key": key_kind,
         "fd_cache": fd_cache,
         "writes": len(writes),
+        "request_writes": judged_writes,
         "other_writes": len(every_write) - len(writes),
         "repeated_entries": repeats,
         "closes": trace.closes,
@@ -324,11 +331,11 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         "socket_closes": len(trace.socket_closes),
         "connections": len(connections),
         "reused_addresses": rate(reused, len(connections)),
-        "stale_observed": rate(len(stale), len(writes)),
+        "stale_observed": rate(len(stale), judged_writes),
         "stale_by_cache": {via: sum(1 for w in stale if w.via == via) for via in ("conn", "fd")},
-        "stale_predicted": rate(predicted["stale"], len(writes)),
+        "stale_predicted": rate(predicted["stale"], judged_writes),
         "predicted": predicted,
-        "cross_process_collisions": rate(sum(1 for w in stale if w.owner != w.pid), len(writes)),
+        "cross_process_collisions": rate(sum(1 for w in stale if w.owner != w.pid), judged_writes),
         "requests": judged,
     }
     section["agree"] = predicted["stale"] == len(stale) and predicted["reused_addresses"] == reused
