@@ -473,3 +473,47 @@ def test_no_box_reachable_names_the_cause_and_the_offline_ways(tmp_path: Path) -
     assert error.startswith("usmlab: error: vagrant up failed")
     assert "error while downloading" in error
     assert "`usmlab up --lab` builds a local one" in error and "--box NAME" in error
+
+
+def _libvirt_listening() -> bool:
+    return any(
+        Path(p).exists() for p in ("/var/run/libvirt/libvirt-sock", "/run/libvirt/libvirt-sock")
+    )
+
+
+@pytest.mark.skipif(
+    shutil.which("vagrant") is None or shutil.which("qemu-img") is None,
+    reason="needs vagrant (with vagrant-libvirt) and qemu-img",
+)
+def test_libvirtd_not_running_is_named_with_how_to_start_it(tmp_path: Path) -> None:
+    """Real Vagrant and vagrant-libvirt, a real (tiny, local) libvirt box in a private
+    VAGRANT_HOME, and no libvirtd: the error says so and how to start it."""
+    if _libvirt_listening():
+        pytest.skip("libvirtd is running here (its socket exists); this needs it stopped")
+    box_dir = tmp_path / "box"
+    box_dir.mkdir()
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(box_dir / "box.img"), "16M"],
+                   check=True)  # fmt: skip
+    (box_dir / "metadata.json").write_text('{"provider": "libvirt", "format": "qcow2", '
+                                           '"virtual_size": 1}')  # fmt: skip
+    (box_dir / "Vagrantfile").write_text('Vagrant.configure("2") do |c|\nend\n')
+    subprocess.run(["tar", "-cf", "tiny.box", "metadata.json", "Vagrantfile", "box.img"],
+                   cwd=box_dir, check=True)  # fmt: skip
+    env = {**os.environ, "VAGRANT_HOME": str(tmp_path / "vagrant-home"),
+           "VAGRANT_CHECKPOINT_DISABLE": "1"}  # fmt: skip
+    added = subprocess.run(
+        ["vagrant", "box", "add", "--name", "usmlab-tiny", str(box_dir / "tiny.box")],
+        env=env, capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert added.returncode == 0, added.stderr
+    root = tmp_path / "vm"
+    root.mkdir()
+    done = subprocess.run(
+        [sys.executable, "-m", "usmlab", "up", "--provider", "libvirt", "--box", "usmlab-tiny",
+         "--profile", "test"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert done.returncode == 4
+    error = done.stderr.strip().splitlines()[-1]
+    assert "libvirt-sock" in error
+    assert "libvirtd is not running: start `virtlogd -d` and `libvirtd -d`" in error
