@@ -54,10 +54,17 @@ def usmlab_argv(*args: str) -> list[str]:
     return [sys.executable, "-m", "usmlab", *args]
 
 
-def run_usmlab(*args: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+def run_usmlab(
+    *args: str,
+    timeout: float = 120,
+    cwd: Path | None = None,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess[str]:
+    """The usmlab CLI as a user runs it (cwd: where it looks for the lab VM's .usmlab/)."""
     return subprocess.run(
-        usmlab_argv(*args), capture_output=True, text=True, timeout=timeout, check=False
-    )
+        usmlab_argv(*args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout,
+        check=False,
+    )  # fmt: skip
 
 
 def only_run_dir(runs: Path) -> Path:

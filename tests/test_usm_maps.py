@@ -10,11 +10,10 @@ import os
 import shutil
 import struct
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from labrun import free_port, needs_tracer, only_run_dir
+from labrun import free_port, needs_tracer, only_run_dir, run_usmlab
 from usm_maps_double import conn_tuple
 
 from usmlab.kit import usm_maps
@@ -78,13 +77,13 @@ def test_planted_stale_tuples_in_usm_maps_are_exactly_the_misattributed_requests
             "planted_at": str(planted_at),
         }),
     }  # fmt: skip
-    done = subprocess.run(
-        [sys.executable, "-m", "usmlab", "test", "churn", "--target", "local",
-         "--tracer", "usm-debugger", "--usm-debugger", str(DOUBLE),
-         "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
-         "--servers", f"{free_port()},{free_port()}", "--count", "40", "--interval", "100ms",
-         "--concurrency", "2", "--skip-close", "0", "--gc-every", "0"],
-        capture_output=True, text=True, timeout=300, env=env, check=False,
+    done = run_usmlab(
+        "test", "churn", "--target", "local", "--tracer", "usm-debugger",
+        "--usm-debugger", str(DOUBLE),
+        "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
+        "--servers", f"{free_port()},{free_port()}", "--count", "40", "--interval", "100ms",
+        "--concurrency", "2", "--skip-close", "0", "--gc-every", "0",
+        timeout=300, env=env,
     )  # fmt: skip
     run_dir = only_run_dir(tmp_path / "runs")
     planted = [json.loads(x) for x in Path(planted_at.read_text()).read_text().splitlines()]
@@ -106,7 +105,6 @@ def test_planted_stale_tuples_in_usm_maps_are_exactly_the_misattributed_requests
 
 @needs_bpftool
 def test_doctor_finds_usm_maps_when_they_are_loaded(tmp_path: Path) -> None:
-    from labrun import run_usmlab
     from usm_maps_double import MapsDouble
 
     if os.geteuid() != 0:
@@ -142,15 +140,14 @@ def test_over_ssh_with_system_probe_the_machines_usm_maps_are_judged(
     maps = MapsDouble(work, conn_every=3).start()
     try:
         with SysprobeDouble(short) as double:
-            done = subprocess.run(
-                [sys.executable, "-m", "usmlab", "test", "churn", "--target", sshd_server.spec,
-                 "--identity", str(sshd_server.key_path), "--work-dir", str(work),
-                 "--tracer", "system-probe", "--sysprobe-socket", str(double.socket_path),
-                 "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
-                 "--servers", f"{free_port()},{free_port()}", "--count", "30",
-                 "--interval", "100ms", "--concurrency", "2", "--skip-close", "0",
-                 "--gc-every", "0"],
-                capture_output=True, text=True, timeout=300, check=False,
+            done = run_usmlab(
+                "test", "churn", "--target", sshd_server.spec,
+                "--identity", str(sshd_server.key_path), "--work-dir", str(work),
+                "--tracer", "system-probe", "--sysprobe-socket", str(double.socket_path),
+                "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
+                "--servers", f"{free_port()},{free_port()}", "--count", "30",
+                "--interval", "100ms", "--concurrency", "2", "--skip-close", "0",
+                "--gc-every", "0", timeout=300,
             )  # fmt: skip
     finally:
         maps.stop()

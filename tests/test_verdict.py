@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import gc
 import json
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
+from labrun import run_usmlab
 
 from usmlab.analysis.errors import AnalysisError
 from usmlab.analysis.report import (
@@ -662,10 +661,7 @@ def test_analyze_json_prints_the_report_with_the_verdicts_exit_status(lab: Lab) 
     for req in [lab.request(seq) for seq in range(2)]:
         lab.serve(req)  # served, never captured: missed, and no captures at all
     run_dir = lab.write()
-    done = subprocess.run(
-        [sys.executable, "-m", "usmlab", "analyze", str(run_dir), "--json"],
-        capture_output=True, text=True, timeout=120, check=False,
-    )  # fmt: skip
+    done = run_usmlab("analyze", str(run_dir), "--json")
     printed = json.loads(done.stdout)
     assert printed == json.loads((run_dir / "report.json").read_text())
     assert printed["requests"]["missed"] == 2

@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from labrun import run_usmlab
 from vm_requirements import missing_tools, require
 
 from usmlab.arch import ARM64
@@ -36,10 +37,7 @@ def _requirements() -> None:
 
 
 def _usmlab(root: Path, *args: str, timeout: float = 1800) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "usmlab", *args], cwd=root, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )  # fmt: skip
+    return run_usmlab(*args, cwd=root, timeout=timeout)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from labrun import run_usmlab
 from vm_requirements import missing_tools, require
 
 from usmlab.vm import box, libvirt_host, vagrant
@@ -112,17 +113,10 @@ def test_scenario1_runs_inside_the_vm_with_the_builtin_tracer(
     lab_vm: LabVm, tmp_path: Path
 ) -> None:
     """The lab inside the VM over SSH: deploy, tracer, capture, collect, analyze."""
-    done = subprocess.run(
-        [
-            sys.executable, "-m", "usmlab", "test", "scenario1", "--tracer", "builtin",
-            "--count", "5", "--interval", "0.2",
-            "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
-        ],
-        cwd=lab_vm.root,  # the VM of this folder is the default target
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
+    done = _usmlab(
+        lab_vm.root,  # the VM of this folder is the default target
+        "test", "scenario1", "--tracer", "builtin", "--count", "5", "--interval", "0.2",
+        "--runs-dir", str(tmp_path / "runs"), "--state-dir", str(tmp_path / "state"),
     )  # fmt: skip
     assert done.returncode == 0, done.stderr
     (run_dir,) = (tmp_path / "runs").iterdir()
@@ -160,10 +154,7 @@ def test_up_on_a_running_provisioned_vm_does_nothing(lab_vm: LabVm) -> None:
 
 
 def _usmlab(root: Path, *args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "usmlab", *args], cwd=root, capture_output=True, text=True,
-        timeout=timeout, check=False,
-    )  # fmt: skip
+    return run_usmlab(*args, cwd=root, timeout=timeout)
 
 
 def test_the_vm_keeps_its_settings_through_up_halt_and_up_again(lab_vm: LabVm) -> None:

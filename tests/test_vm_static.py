@@ -6,10 +6,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from labrun import run_usmlab
 
 from usmlab.errors import UsageError
 from usmlab.vm import box, vagrant
@@ -383,16 +383,10 @@ def test_a_silent_vm_step_still_says_what_it_waits_for() -> None:
 def test_a_vm_recorded_but_gone_is_said_by_every_verb_instead_of_running_on_the_host(
     tmp_path,
 ) -> None:
-    import subprocess
-    import sys
-
     (tmp_path / ".usmlab").mkdir()
     (tmp_path / ".usmlab" / "vm.json").write_text("{}")
     for verb in (["test", "scenario1", "--tracer", "none"], ["doctor"], ["cleanup"], ["build"]):
-        done = subprocess.run(
-            [sys.executable, "-m", "usmlab", *verb], cwd=tmp_path, capture_output=True,
-            text=True, timeout=60, check=False,
-        )  # fmt: skip
+        done = run_usmlab(*verb, cwd=tmp_path, timeout=60)
         assert done.returncode == 2, (verb, done.stderr)
         assert "the lab VM recorded in .usmlab/ is gone" in done.stderr, verb
         assert not (tmp_path / "runs").exists()
@@ -459,17 +453,32 @@ def test_a_new_box_replaces_its_own_architectures_only(tmp_path: Path) -> None:
     assert amd.box_file.exists() and new_arm.box_file.exists()
 
 
-@pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
-def test_no_box_reachable_names_the_cause_and_the_offline_ways(tmp_path: Path) -> None:
-    """Real Vagrant, a box URL nothing answers (on loopback: the lab never goes further)."""
-    env = {**os.environ, "USMLAB_VM_BOX_URL": "http://127.0.0.1:9/usmlab-none.box"}
-    done = subprocess.run(
-        [sys.executable, "-m", "usmlab", "up", "--provider", "libvirt", "--box", "usmlab-none",
-         "--profile", "test"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False,
+def _failed_up(cwd: Path, env: dict[str, str], box_name: str) -> str:
+    """`usmlab up` of a libvirt VM from box_name, expected to fail (exit 4): its error line."""
+    done = run_usmlab(
+        "up", "--provider", "libvirt", "--box", box_name, "--profile", "test",
+        cwd=cwd, env=env, timeout=300,
     )  # fmt: skip
-    assert done.returncode == 4
-    error = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 4, done.stderr
+    return done.stderr.strip().splitlines()[-1]
+
+
+@pytest.mark.skipif(
+    shutil.which("vagrant") is None or shutil.which("libvirtd") is None or os.geteuid() != 0,
+    reason="needs vagrant, libvirtd and root",
+)
+def test_no_box_reachable_names_the_cause_and_the_offline_ways(tmp_path: Path) -> None:
+    """Real Vagrant, a box URL nothing answers (on loopback: the lab never goes further).
+    vagrant-libvirt asks libvirtd before it fetches a box: the daemons must run."""
+    from usmlab.vm import libvirt_host
+
+    env = {**os.environ, "USMLAB_VM_BOX_URL": "http://127.0.0.1:9/usmlab-none.box",
+           "VAGRANT_HOME": str(tmp_path / "vagrant-home")}  # fmt: skip
+    started = libvirt_host.ensure_libvirt_daemons(lambda _: None)
+    try:
+        error = _failed_up(tmp_path, env, "usmlab-none")
+    finally:
+        libvirt_host.stop_daemons(started)
     assert error.startswith("usmlab: error: vagrant up failed")
     assert "error while downloading" in error
     assert "`usmlab up --lab` builds a local one" in error and "--box NAME" in error
@@ -508,12 +517,6 @@ def test_libvirtd_not_running_is_named_with_how_to_start_it(tmp_path: Path) -> N
     assert added.returncode == 0, added.stderr
     root = tmp_path / "vm"
     root.mkdir()
-    done = subprocess.run(
-        [sys.executable, "-m", "usmlab", "up", "--provider", "libvirt", "--box", "usmlab-tiny",
-         "--profile", "test"],
-        cwd=root, env=env, capture_output=True, text=True, timeout=300, check=False,
-    )  # fmt: skip
-    assert done.returncode == 4
-    error = done.stderr.strip().splitlines()[-1]
+    error = _failed_up(root, env, "usmlab-tiny")
     assert "libvirt-sock" in error
     assert "libvirtd is not running: start `virtlogd -d` and `libvirtd -d`" in error

@@ -6,7 +6,8 @@ conn_tuple_t; `pid_fd_by_tuple`: the reverse), holds them open (so they show amo
 the process that runs it), and fills them as a real Go client's connections open, read from the
 client's `conns-*.jsonl` (docs/formats.md): the right tuple, except that every Nth connection
 gets the previous connection's tuple in a chosen map (planted stale entries, recorded in
-`planted.jsonl`, so a test knows exactly which requests must be judged stale).
+`planted.jsonl`, so a test knows exactly which requests must be judged stale). A closed
+connection's entries are deleted, as USM deletes them, DELETE_AFTER later.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import struct
 import subprocess
 import tempfile
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,11 @@ def hexwords(raw: bytes) -> list[str]:
     return [f"{b:02x}" for b in raw]
 
 
+# How long after a connection's close its entries go (longer than the dumps' 50 ms, shorter
+# than the tests' 100 ms between connections that may reuse a key).
+DELETE_AFTER = 0.07
+
+
 class MapsDouble:
     def __init__(self, watch: Path, *, conn_every: int = 0, fd_every: int = 0) -> None:
         self.watch = watch
@@ -55,6 +62,11 @@ class MapsDouble:
         self._offsets: dict[Path, int] = {}
         self._previous: bytes | None = None
         self._count = 0
+        # USM deletes a connection's entries when it closes; the double does too, a little
+        # later, so that its 50 ms dumps still see entries of requests shorter than that.
+        self._keys: dict[str, list[tuple[str, bytes]]] = {}
+        self._owner: dict[tuple[str, bytes], str] = {}
+        self._closing: list[tuple[float, str]] = []
 
     def _path(self, name: str) -> str:
         return str(self.dir / "bpffs" / name)
@@ -86,15 +98,22 @@ class MapsDouble:
             os.close(fd)
         subprocess.run(["umount", str(self.dir / "bpffs")], check=False)
 
-    def _update(self, name: str, key: bytes, value: bytes) -> None:
-        subprocess.run(
-            ["bpftool", "map", "update", "pinned", self._path(name), "key", "hex",
-             *hexwords(key), "value", "hex", *hexwords(value)],
-            check=True,
-        )  # fmt: skip
+    def _update(self, updates: list[tuple[str, bytes, bytes | None]]) -> None:
+        """A round's updates (value None: a delete) through one bpftool: one process per entry
+        falls behind a churning client on a small machine, and a late entry reads as stale."""
+        script = "".join(
+            f"map update pinned {self._path(name)} key hex {' '.join(hexwords(key))} "
+            f"value hex {' '.join(hexwords(value))}\n"
+            if value is not None
+            else f"map delete pinned {self._path(name)} key hex {' '.join(hexwords(key))}\n"
+            for name, key, value in updates
+        )
+        subprocess.run(["bpftool", "batch", "file", "-"], input=script.encode(), check=True,
+                       capture_output=True)  # fmt: skip
 
     def _fill(self) -> None:
         while not self._stop.wait(0.005):
+            updates: list[tuple[str, bytes, bytes | None]] = []
             for log in sorted(self.watch.glob("**/conns-*.jsonl")):
                 with log.open() as handle:
                     handle.seek(self._offsets.get(log, 0))
@@ -102,12 +121,30 @@ class MapsDouble:
                     if lines and not lines[-1].endswith("\n"):
                         lines.pop()
                     self._offsets[log] = self._offsets.get(log, 0) + sum(len(x) for x in lines)
-                for line in lines:
-                    event = json.loads(line)
+                for event in map(json.loads, lines):
                     if event.get("event") == "open":
-                        self._opened(event)
+                        updates.extend(self._opened(event))
+                    elif event.get("event") == "close":
+                        self._closing.append((time.monotonic() + DELETE_AFTER, event["conn_id"]))
+            updates.extend(self._due_deletes())
+            if updates:
+                self._update(updates)
 
-    def _opened(self, event: dict[str, Any]) -> None:
+    def _due_deletes(self) -> list[tuple[str, bytes, bytes | None]]:
+        """Entries of connections closed DELETE_AFTER ago, unless a newer connection took the
+        key meanwhile."""
+        due = []
+        now = time.monotonic()
+        while self._closing and self._closing[0][0] <= now:
+            conn_id = self._closing.pop(0)[1]
+            for name, key in self._keys.pop(conn_id, []):
+                if self._owner.get((name, key)) == conn_id:
+                    del self._owner[(name, key)]
+                    due.append((name, key, None))
+        return due
+
+    def _opened(self, event: dict[str, Any]) -> list[tuple[str, bytes, bytes | None]]:
+        """The map updates for a connection just opened (planted ones recorded as such)."""
         self._count += 1
         host, port = event["remote"].rsplit(":", 1)
         right = conn_tuple("127.0.0.1", event["local_port"], host, int(port), event["pid"])
@@ -117,11 +154,17 @@ class MapsDouble:
         plant_fd = self.fd_every and self._count % self.fd_every == 0 and not plant_conn
         pid_fd = struct.pack("<II", event["pid"], event["fd"])
         key = struct.pack("<Q", int(event["tls_conn"], 16))
-        self._update("tuple_by_pid_fd", pid_fd, stale if plant_fd else right)
-        self._update("pid_fd_by_tuple", right, pid_fd)
-        self._update("conn_tup_by_go_tls_conn", key, stale if plant_conn else right)
+        updates: list[tuple[str, bytes, bytes | None]] = [
+            ("tuple_by_pid_fd", pid_fd, stale if plant_fd else right),
+            ("pid_fd_by_tuple", right, pid_fd),
+            ("conn_tup_by_go_tls_conn", key, stale if plant_conn else right),
+        ]
+        self._keys[event["conn_id"]] = [(name, k) for name, k, _ in updates]
+        for name, k, _ in updates:
+            self._owner[(name, k)] = event["conn_id"]
         if (plant_conn or plant_fd) and stale != right:
             with self.planted.open("a") as out:
                 which = "conn_tup_by_go_tls_conn" if plant_conn else "tuple_by_pid_fd"
                 out.write(json.dumps({"conn_id": event["conn_id"], "pid": event["pid"],
                                       "map": which}) + "\n")  # fmt: skip
+        return updates
