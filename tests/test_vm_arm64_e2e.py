@@ -3,7 +3,7 @@
 `usmlab up --lab --arch arm64` builds the arm64 test box through qemu-user (binfmt_misc, left as
 found), boots it under qemu-system-aarch64 (TCG), and the OpenSSL and Go scenarios then run in it
 with the built-in tracer: libssl's aarch64 build and the Go probes' arm64 register ABI, each
-request attributed to its client. Box build about 10 min cold (cached after), boot 2-4 min.
+request attributed to its client. Box build about 6 min cold (cached after), boot about 1 min.
 Needs what test_vm_e2e needs plus qemu-user-static and qemu-system-arm; USMLAB_REQUIRE_VM_TESTS=1
 (CI) fails instead of skipping without them.
 """

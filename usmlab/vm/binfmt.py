@@ -20,6 +20,7 @@ from typing import Any
 
 from usmlab.arch import Arch
 from usmlab.errors import UsmlabError
+from usmlab.kit.cleanup import pid_alive
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 # Where Debian's qemu-user-static keeps its registrations (systemd binfmt.d format: one line,
@@ -80,7 +81,7 @@ def foreign_binaries(
         yield
     finally:
         with _locked(state_file) as state:
-            pids = [p for p in state.get("pids", []) if p != os.getpid() and _alive(p)]
+            pids = [p for p in state.get("pids", []) if p != os.getpid() and pid_alive(p)]
             state["pids"] = pids
             if not pids:
                 _undo(state, binfmt_dir)
@@ -121,16 +122,6 @@ def _undo(changed: dict[str, object], binfmt_dir: Path) -> None:
             (binfmt_dir / str(changed["registered"])).write_text("-1")  # removes this entry only
     if changed.get("mounted") and shutil.which("umount"):
         subprocess.run(["umount", str(binfmt_dir)], capture_output=True, check=False)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @contextlib.contextmanager

@@ -291,7 +291,7 @@ def build_test_box(
 ) -> TestBox:
     """Return the test box for arch (default: this machine's), building it unless cached.
 
-    The build takes 2-3 min natively, about 10 min for arm64 through qemu-user.
+    The build takes 2-3 min natively, about 6 min for arm64 through qemu-user.
     """
     cache_dir = cache_dir or default_cache_dir()
     arch = require_arch(arch).go if arch else host_debian_arch()
@@ -528,7 +528,7 @@ def _install_guest(
     arch = str(spec["arch"])
     packages = [str(p) for p in spec["packages"]]  # type: ignore[attr-defined]
     native = arch == host_debian_arch()
-    step(f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 10} min)")
+    step(f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 6} min)")
     # dpkg's fsync per file dominates the install on small machines; a throwaway build tree does
     # not need it. The setting is removed before the image is made.
     unsafe_io = rootfs / "etc/dpkg/dpkg.cfg.d/usmlab-build-unsafe-io"
