@@ -7,6 +7,20 @@ from collections.abc import Iterator
 import pytest
 from sshd import SshdFactory, SshdUnavailable, SshServer
 
+
+@pytest.fixture(autouse=True)
+def _html_writers_done(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """A run's report.html is written by a detached process after it returns; a test's runs'
+    writers end before the next test starts, so no test shares the CPU with the last one's."""
+    yield
+    from usmlab.analysis.html import HTML_WRITER_PID, html_written
+
+    base = tmp_path_factory.getbasetemp()
+    for pid_file in base.glob(f"*/**/{HTML_WRITER_PID}"):
+        html_written(pid_file.parent)
+        pid_file.unlink(missing_ok=True)
+
+
 # --- a real OpenSSH server on 127.0.0.1 (see tests/sshd.py) ---------------------------------
 
 

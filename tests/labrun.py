@@ -92,3 +92,30 @@ def interrupt_when(
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     return proc.returncode, err
+
+
+def run_in_a_terminal(argv: list[str], timeout: float = 60, cwd: Path | None = None) -> str:
+    """Everything a command wrote to a pseudo-terminal, as a user's terminal would show it."""
+    import pty
+    import select
+
+    pid, fd = pty.fork()
+    if pid == 0:  # the child: the command, on the terminal
+        if cwd is not None:
+            os.chdir(cwd)
+        os.execvp(argv[0], argv)
+    out = b""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([fd], [], [], 1)
+        if not ready:
+            continue
+        try:
+            data = os.read(fd, 65536)
+        except OSError:
+            break
+        if not data:
+            break
+        out += data
+    os.waitpid(pid, 0)
+    return out.decode("utf-8", "replace")

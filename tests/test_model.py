@@ -14,6 +14,7 @@ from usmlab.analysis.model import (
     Write,
     drop_repeats,
     predict,
+    predict_openssl,
     read_model_trace,
 )
 from usmlab.analysis.rates import rate
@@ -110,6 +111,55 @@ def test_probe_times_order_the_replay_where_the_logs_cannot() -> None:
     assert predict("pointer", False, [first, second], close, [], times)["stale"] == 0
 
 
+OPENSSL_LINES = [
+    "usmlab-model set_fd ts=12715252717917 pid=24449 tid=24450 conn=7ffff000d110 fd=5 had=0 prev=0",
+    "usmlab-model set_fd ts=12715282065266 pid=24448 tid=24452 conn=7ffff000d110 fd=5 had=1 "
+    "prev=24449",
+    "usmlab-model write ts=12715290000000 pid=24449 tid=24450 conn=7ffff000d110 netfd=0 fd=5 "
+    "true=100007f:60302-100007f:8443 model=100007f:60306-100007f:8443 owner=24448 via=0 http=1",
+    "usmlab-model write ts=12715290000001 pid=24447 tid=24456 conn=7ffff0021270 netfd=0 fd=6 "
+    "true=100007f:42622-100007f:9443 model=0:0-0:0 owner=0 via=3 http=1",
+]
+
+
+def test_openssl_model_lines_parse_with_their_takeovers(tmp_path: Path) -> None:
+    log = tmp_path / "tracer.log"
+    log.write_text("\n".join(OPENSSL_LINES) + "\n")
+    trace = read_model_trace(log)
+    assert trace.set_fds[1] == (12715.282065266, 24448, 0x7FFFF000D110, 5, True, 24449)
+    taken, without = trace.writes
+    assert taken.stale and taken.via == "conn" and taken.owner == 24448  # another process's
+    assert without.via == "none" and not without.stale  # USM records nothing: not a wrong tuple
+
+
+def _open(pid: int, ssl: str, fd: int, port: int, mono: float, event: str = "open") -> dict:
+    return {"event": event, "pid": pid, "conn_id": f"{pid}-{port}", "ssl": ssl, "fd": fd,
+            "local_port": port, "remote": "127.0.0.1:8443", "mono": mono}  # fmt: skip
+
+
+def _write(pid: int, port: int, start: float) -> dict:
+    return {"pid": pid, "conn_id": f"{pid}-{port}", "local_port": port,
+            "remote": "127.0.0.1:8443", "start_mono": start}  # fmt: skip
+
+
+def test_the_openssl_prediction_replays_takeovers_across_processes() -> None:
+    """Processes 7 and 8 allocate their SSL object at the same address: 8's SSL_set_fd takes
+    7's entry over, so 7's next write gets 8's tuple under the SSL* key, not with the pid."""
+    from usmlab.analysis.model import ProbeTimes
+
+    events = [_open(7, "aa0", 5, 40001, 1.0), _open(8, "aa0", 5, 40002, 2.0)]
+    requests = [_write(7, 40001, 1.5), _write(8, 40002, 2.5), _write(7, 40001, 3.0)]
+    pointer = predict_openssl("pointer", requests, events, ProbeTimes(), [])
+    assert (pointer["stale"], pointer["cross_process"], pointer["reused_addresses"]) == (1, 1, 1)
+    assert predict_openssl("pid-pointer", requests, events, ProbeTimes(), [])["stale"] == 0
+    # 8's entry names fd 6, where 7 has no socket: 7's write resolves nothing (USM records
+    # nothing), and 8's later write finds the entry unresolved, then its own socket.
+    events = [_open(7, "aa0", 5, 40001, 1.0), _open(8, "aa0", 6, 40002, 2.0)]
+    requests = [_write(7, 40001, 3.0), _write(8, 40002, 4.0)]
+    moved = predict_openssl("pointer", requests, events, ProbeTimes(), [])
+    assert (moved["missed"], moved["stale"]) == (1, 0)
+
+
 def test_rates_carry_their_count_and_an_exact_interval() -> None:
     assert rate(0, 132_659)["text"] == "0 of 132,659: < 2.3e-5"
     r = rate(23, 2776)
@@ -201,5 +251,28 @@ def test_fd_reuse_is_judged_by_the_fd_cache(tmp_path: Path) -> None:
     model = report["model"]
     assert model["agree"], model.get("finding")
     assert model["writes"] > 20 and model["socket_closes"] > 0
-    assert set(model["stale_by_cache"]) == {"conn", "fd"}
+    assert set(model["stale_by_cache"]) == {"conn", "fd", "socket"}
     assert code in (0, 1), err
+
+
+@needs_tracer
+def test_python_processes_at_the_same_addresses_take_each_others_openssl_entries(
+    tmp_path: Path,
+) -> None:
+    """openssl-reuse: three Python clients with one memory layout allocate their SSL objects at
+    the same addresses. Keyed by the SSL* alone (USM before its pid key), one process's
+    SSL_set_fd takes another's entry and that process's next requests carry the other's tuple;
+    with the pid in the key, none do. The eBPF model and the prediction from the clients' own
+    logs (their SSL* addresses) agree on both."""
+    stale = {}
+    for key in ("pointer", "pid-pointer"):
+        code, report, err = scenario_run(tmp_path, "openssl-reuse", key, "--count", "20")
+        model = report["model"]
+        assert model["library"] == "openssl" and model["agree"], model.get("finding")
+        assert model["requests"]["judged"] == 60  # three clients, 20 requests each
+        stale[key] = model["stale_observed"]["count"]
+        assert model["cross_process_collisions"]["count"] == stale[key]
+        assert code == (1 if stale[key] else 0), err
+        if key == "pointer":
+            assert model["reused_addresses"]["count"] > 0  # the same SSL* in another process
+    assert stale["pointer"] > 0 and stale["pid-pointer"] == 0

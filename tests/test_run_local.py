@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 import signal
 import socket
@@ -21,6 +20,7 @@ from labrun import (
     only_run_dir,
     processes_of_run,
     read_jsonl,
+    run_in_a_terminal,
     run_usmlab,
     usmlab_argv,
 )
@@ -403,31 +403,6 @@ def test_a_sweep_makes_one_run_per_setting_and_a_table(tmp_path):
         and table[1].startswith("1 ")
         and table[2].startswith("3 ")
     )
-
-
-def run_in_a_terminal(argv: list[str], timeout: float = 60) -> str:
-    """Everything a command wrote to a pseudo-terminal, as a user's terminal would show it."""
-    import pty
-    import select
-
-    pid, fd = pty.fork()
-    if pid == 0:  # the child: the command, on the terminal
-        os.execvp(argv[0], argv)
-    out = b""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        ready, _, _ = select.select([fd], [], [], 1)
-        if not ready:
-            continue
-        try:
-            data = os.read(fd, 65536)
-        except OSError:
-            break
-        if not data:
-            break
-        out += data
-    os.waitpid(pid, 0)
-    return out.decode("utf-8", "replace")
 
 
 def test_progress_is_a_bar_on_a_terminal_and_plain_lines_elsewhere(tmp_path):

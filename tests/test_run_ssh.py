@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -15,6 +16,7 @@ from labrun import (
     only_run_dir,
     processes_of_run,
     read_jsonl,
+    run_in_a_terminal,
     run_usmlab,
     usmlab_argv,
 )
@@ -191,3 +193,13 @@ def test_collect_of_a_multi_client_run_gives_the_same_report_as_the_run(sshd_ser
     assert report["requests"]["sent"] == sent
     assert f"requests sent    {sent}" in done.stdout
     assert "collect_error" not in json.loads((run_dir / "manifest.json").read_text())
+    # Not a terminal: the collect phase is plain lines naming each file fetched (CI logs).
+    assert re.search(r"^\[collect +\d+s\] \d+/\d+ client-2\.jsonl$", done.stderr, re.MULTILINE)
+    assert "\x1b[" not in done.stderr
+    # On a terminal: a rich bar.
+    (run_dir / "client-2.jsonl").unlink()
+    shown = run_in_a_terminal(
+        usmlab_argv("collect", str(run_dir), "--identity", str(sshd_server.key_path))
+    )
+    assert "━" in shown and "collect" in shown, shown
+    assert sha256_file(run_dir / "client-2.jsonl")

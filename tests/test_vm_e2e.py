@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from labrun import run_usmlab
+from labrun import run_in_a_terminal, run_usmlab, usmlab_argv
 from vm_requirements import missing_tools, require
 
 from usmlab.vm import box, libvirt_host, vagrant
@@ -171,8 +171,10 @@ def test_the_vm_keeps_its_settings_through_up_halt_and_up_again(lab_vm: LabVm) -
     halted = _usmlab(lab_vm.root, "halt")
     assert halted.returncode == 0, halted.stderr
     assert json.loads(_usmlab(lab_vm.root, "status", "--json").stdout)["state"] != "running"
-    again = _usmlab(lab_vm.root, "up")
-    assert again.returncode == 0, again.stderr
+    # Started again on a terminal: the boot is a rich bar (VM boot, steps, elapsed time).
+    again = run_in_a_terminal(usmlab_argv("up"), timeout=900, cwd=lab_vm.root)
+    assert "VM boot" in again and "━" in again and "VM started in" in again, again
+    assert json.loads(_usmlab(lab_vm.root, "status", "--json").stdout) == {"state": "running"}
     assert vagrant.ssh_details(lab_vm.root)["port"] == port
     shell = _usmlab(lab_vm.root, "ssh", "--", "uname", "-s", timeout=120)
     assert shell.returncode == 0 and "Linux" in shell.stdout, shell.stderr

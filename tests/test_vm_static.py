@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from labrun import run_usmlab
 
 from usmlab.errors import UsageError
+from usmlab.progress import Phase, Reporter
 from usmlab.vm import box, vagrant
 from usmlab.vm.provision import read_go_version, render_provision
 from usmlab.vm.settings import PROVIDERS, VmSettings, load_settings, write_default_toml
@@ -369,15 +373,79 @@ def test_box_cache_key_follows_the_recipe() -> None:
 def test_a_silent_vm_step_still_says_what_it_waits_for() -> None:
     import time
 
-    from usmlab.vm.ticker import Ticker
-
     said: list[str] = []
-    with Ticker(said.append, "vagrant up", every=1.0) as ticker:
+    with Reporter(said.append).phase("vagrant up", total=8, every=1.0) as phase:
+        phase.detail("I: Unpacking libc6...")
         time.sleep(2.6)
-        ticker.heard()
+        phase.line("==> default: Starting domain.")
         time.sleep(0.5)
-    assert said and all("still waiting for vagrant up" in line for line in said)
-    assert 1 <= len(said) <= 3
+    waits = [line for line in said if "still waiting" in line]
+    assert waits and all("still waiting for vagrant up (0/8 done)" in line for line in waits)
+    assert all(line.endswith(": I: Unpacking libc6...") for line in waits)  # how far it is
+    assert 1 <= len(waits) <= 3 and said[-1] == "==> default: Starting domain."
+
+
+class RecordingPhase(Phase):
+    """A phase that keeps every state its bar would show."""
+
+    def __init__(self, shown: list[tuple[str, int, int | None, str]], *args: Any) -> None:
+        super().__init__(*args)
+        self.record = shown
+
+    def shown(self) -> None:
+        self.record.append((self.what, self.done, self.total, self.note))
+
+
+class RecordingReporter(Reporter):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.states: list[tuple[str, int, int | None, str]] = []
+        super().__init__(self.lines.append)
+
+    @contextlib.contextmanager
+    def phase(self, what: str, total: int | None = None, every: float = 5.0) -> Iterator[Phase]:
+        yield RecordingPhase(self.states, self.say, what, total)
+
+
+# What `vagrant up` of the lab VM printed (vagrant 2.3.4, vagrant-libvirt 0.11.2), abridged.
+VAGRANT_UP = """Bringing machine 'default' up with 'libvirt' provider...
+==> default: Checking if box 'usmlab-test-d7cb32db5f75' version '0' is up to date...
+==> default: Uploading base box image as volume into Libvirt storage...
+==> default: Creating image (snapshot of base box volume).
+==> default: Creating domain with the following settings...
+==> default: Starting domain.
+==> default: Waiting for domain to get an IP address...
+==> default: Waiting for machine to boot. This may take a few minutes...
+==> default: Machine booted and ready!
+==> default: Rsyncing folder: /work/main/ => /vagrant
+==> default: Running provisioner: usmlab (shell)...
+    default: [usmlab] provisioning: profile test, kernel 6.1.0-28-amd64, amd64
+    default: [usmlab] step 1/9: tools
+    default: [usmlab] tools: already installed (curl)
+    default: [usmlab] step 2/9: bpftrace
+    default: [usmlab] step 9/9: dda
+    default: [usmlab] skip dda (test profile)
+    default: [usmlab] done: 0 changed, 8 already in place, 1 skipped
+"""
+
+
+def test_vagrant_up_is_a_boot_bar_then_a_provisioning_bar(tmp_path: Path) -> None:
+    import time
+
+    paths = vagrant.VmPaths(tmp_path)
+    paths.state_dir.mkdir()
+    reporter = RecordingReporter()
+    lines = iter(line + "\n" for line in VAGRANT_UP.splitlines())
+    ours = vagrant._stream(paths, "up", lines, reporter, time.monotonic())
+    boot = [(done, total) for what, done, total, _ in reporter.states if what == "VM boot"]
+    provisioning = [(done, total) for what, done, total, _ in reporter.states
+                    if what == "provisioning"]  # fmt: skip
+    assert [done for done, _ in boot] == [0, 1, 2, 3, 4, 5, 6, 7, 8]  # every step, in order
+    assert {total for _, total in boot} == {len(vagrant.BOOT_STEPS)}
+    assert provisioning == [(0, 9), (1, 9), (8, 9), (9, 9)]  # "done:" finishes the bar
+    assert len(reporter.lines) == len(VAGRANT_UP.splitlines())  # every line still shown
+    assert ours[-1].startswith("[usmlab] done: 0 changed")
+    assert "Uploading base box image" in paths.output_log.read_text()
 
 
 def test_a_vm_recorded_but_gone_is_said_by_every_verb_instead_of_running_on_the_host(

@@ -123,6 +123,7 @@ class Params:
     preexisting: float = 0.0  # seconds of traffic before the tracer attaches
     nat_vip: str | None = None  # loopback HOST:PORT DNAT'ed to the (first) server
     ephemeral_server: bool = False  # servers listen inside the ephemeral port range
+    same_layout: bool = False  # Python: clients run with address randomization off
 
     def validate(self) -> Params:
         """Every rule in one place, before anything is deployed; a UsageError names the first
@@ -161,6 +162,8 @@ class Params:
             if used:
                 flags = ", ".join("--" + f.replace("_", "-") for f in used)
                 raise UsageError(f"{flags}: only the Go client has this (--client go)")
+        if self.same_layout and self.client != "python":
+            raise UsageError("--same-layout: only the Python client has this (--client python)")
         if self.restart is not None and self.restart not in RESTART_KINDS:
             raise UsageError(f"restart must be client, server or both, got {self.restart!r}")
         if self.restart_after < 0 or self.preexisting < 0:
@@ -297,6 +300,26 @@ SCENARIOS: dict[str, Scenario] = {
             ),
             params=dataclasses.replace(
                 CHURN, count=1000, concurrency=10, clients=3, paths=DEFAULT_PATHS
+            ),
+        ),
+        Scenario(
+            name="openssl-reuse",
+            goal="Are one Python process's requests recorded against another's connection?",
+            description=(
+                "The ssl_sock_by_ctx case: three identical Python clients on keep-alive "
+                "connections to two servers, run with address randomization off (as workers "
+                "forked from one parent are), so they allocate their OpenSSL SSL objects at the "
+                "same addresses. An entry keyed by the SSL* alone is taken over by another "
+                "process's SSL_set_fd; keyed with the pid, it is not. Run it with --tracer "
+                "usm-model:pointer and :pid-pointer, and --no-same-layout for the default."
+            ),
+            params=Params(
+                count=200,
+                interval=0.0,
+                connection="reuse",
+                clients=3,
+                servers=(8443, 9443),
+                same_layout=True,
             ),
         ),
         Scenario(

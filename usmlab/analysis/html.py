@@ -17,6 +17,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -164,13 +165,36 @@ def summary_html(groups: list[dict[str, Any]], title: str) -> str:
     )
 
 
+HTML_WRITER_PID = ".report-html.pid"
+
+
 def write_html_later(run_dir: Path) -> None:
-    """Write report.html in a process of its own: the run returns without waiting for it."""
+    """Write report.html in a process of its own: the run returns without waiting for it. Its
+    pid is kept in the run folder, for whoever must wait for it (`html_written`)."""
     with open(run_dir / ".report-html.log", "ab") as log:
-        subprocess.Popen(
+        proc = subprocess.Popen(
             [sys.executable, "-m", "usmlab.analysis.html", str(run_dir)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
+    (run_dir / HTML_WRITER_PID).write_text(f"{proc.pid}\n")
+
+
+def html_written(run_dir: Path, timeout: float = 30.0) -> bool:
+    """Wait until the run's report.html writer has ended (benchmarks and tests: it takes a
+    core for a second or two, which the next measurement should not share)."""
+    try:
+        pid = int((run_dir / HTML_WRITER_PID).read_text())
+    except (OSError, ValueError):
+        return True
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:  # a zombie has an empty command line; another process may have taken the pid
+            if b"usmlab.analysis.html" not in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return True
+        except OSError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 if __name__ == "__main__":

@@ -27,9 +27,11 @@ from usmlab.manifest import Manifest
 
 # A client's logged close and the model's probe on it are this close at most (same clock).
 CLOSE_MATCH_S = 0.05
-_LINE = re.compile(r"usmlab-model (write|close|tcp_close) (.*)")
+_LINE = re.compile(r"usmlab-model (write|close|tcp_close|set_fd) (.*)")
 _FIELD = re.compile(r"(\w+)=(\S*)")
-VIA = {0: "conn", 1: "fd", 2: "socket"}
+# Which cache answered a write; with "none" and "unresolved" (OpenSSL model) USM records nothing.
+VIA = {0: "conn", 1: "fd", 2: "socket", 3: "none", 4: "unresolved"}
+NO_TUPLE = ("none", "unresolved")
 
 
 def conn_log_name(client: str) -> str:
@@ -74,7 +76,7 @@ class Write:
 
     @property
     def stale(self) -> bool:
-        return self.model != self.true
+        return self.via not in NO_TUPLE and self.model != self.true
 
 
 @dataclass
@@ -85,6 +87,8 @@ class ModelTrace:
     socket_closes: list[tuple[float, int, int, Tuple4, bool]] = field(default_factory=list)
     # (pid, tls.Conn address as an int) -> the probe times of its closes
     close_times: dict[tuple[int, int], list[float]] = field(default_factory=dict)
+    # OpenSSL model: every SSL_set_fd, (ts, pid, SSL* as an int, fd, entry was there, its pid)
+    set_fds: list[tuple[float, int, int, int, bool, int]] = field(default_factory=list)
 
 
 REPEAT_WINDOW = 0.05  # seconds
@@ -127,6 +131,11 @@ def read_model_trace(path: Path) -> ModelTrace:
                     Write(ts, int(f["pid"]), int(f["tid"]), f["conn"], f["netfd"], int(f["fd"]),
                           Tuple4.parse(f["true"]), Tuple4.parse(f["model"]), int(f["owner"]),
                           VIA[int(f["via"])])
+                )  # fmt: skip
+            elif match[1] == "set_fd":
+                trace.set_fds.append(
+                    (ts, int(f["pid"]), int(f["conn"], 16), int(f["fd"]), f["had"] == "1",
+                     int(f["prev"]))
                 )  # fmt: skip
             elif match[1] == "close":
                 trace.closes += 1
@@ -241,6 +250,76 @@ def predict(
             "reused_addresses": reused}  # fmt: skip
 
 
+def predict_openssl(
+    key_kind: str,
+    requests: list[dict[str, Any]],
+    conn_events: list[dict[str, Any]],
+    probe_times: ProbeTimes,
+    set_fds: Iterable[tuple[float, int, int, int, bool, int]],
+) -> dict[str, int]:
+    """Replay USM's OpenSSL cache (`ssl_sock_by_ctx`) over the Python clients' own record of
+    their connections: each `open` (its SSL* address, fd, ports) is an SSL_set_fd that
+    (re)initializes the entry under its key; a request's write resolves an unresolved entry
+    from the socket at the entry's fd in the writing process (whatever connection is open there
+    now) and takes the cached tuple otherwise. Ordered by the probes' times, as `predict`."""
+    set_fd_at: dict[tuple[int, int, int], list[float]] = {}
+    for ts, pid, ssl, fd, _, _ in sorted(set_fds):
+        set_fd_at.setdefault((pid, ssl, fd), []).append(ts)
+    ssl_of: dict[tuple[Any, Any], int] = {}
+    events: list[tuple[float, int, dict[str, Any]]] = []
+    for event in conn_events:
+        try:
+            ssl, fd, mono = int(str(event["ssl"]), 16), int(event["fd"]), float(event["mono"])
+        except (KeyError, TypeError, ValueError):
+            continue  # no SSL* known (not CPython): nothing to replay for it
+        if event.get("event") == "open":
+            ssl_of[(event.get("pid"), event.get("conn_id"))] = ssl
+            times = set_fd_at.get((int(event["pid"]), ssl, fd), [])
+            index = bisect.bisect_right(times, mono) - 1
+            events.append((times[index] if index >= 0 else mono, 0, event))
+        elif event.get("event") == "close":
+            events.append((mono, 0, event))
+    for request in requests:
+        if request.get("local_port") is not None and request.get("conn_id"):
+            at = probe_times.write(request) or float(request["start_mono"])
+            events.append((at, 1, request))
+    events.sort(key=lambda e: (e[0], e[1]))
+    entries: dict[tuple[int, ...], list[Any]] = {}  # key -> [fd, resolved connection or None]
+    open_at: dict[tuple[int, int], tuple[int, int, int]] = {}  # (pid, fd) -> its connection
+    stale = cross = reused = missed = 0
+    for _, is_write, item in events:
+        pid = int(item["pid"])
+        me = (pid, int(item["local_port"]), _server_port(item))
+        if not is_write:
+            fd = int(item["fd"])
+            if item["event"] == "close":
+                if open_at.get((pid, fd)) == me:
+                    del open_at[(pid, fd)]
+                continue
+            key = (pid, int(str(item["ssl"]), 16)) if key_kind == "pid-pointer" else (
+                int(str(item["ssl"]), 16),)  # fmt: skip
+            reused += key in entries
+            entries[key] = [fd, None]
+            open_at[(pid, fd)] = me
+            continue
+        ssl = ssl_of.get((item.get("pid"), item.get("conn_id")))
+        entry = None if ssl is None else entries.get(
+            (pid, ssl) if key_kind == "pid-pointer" else (ssl,))  # fmt: skip
+        if entry is None:
+            missed += 1
+            continue
+        if entry[1] is None:
+            entry[1] = open_at.get((pid, entry[0]))
+            if entry[1] is None:
+                missed += 1  # the entry's fd names no socket here: USM records nothing
+                continue
+        if entry[1] != me:
+            stale += 1
+            cross += entry[1][0] != pid
+    return {"stale": stale, "stale_conn": stale, "stale_fd": 0, "cross_process": cross,
+            "reused_addresses": reused, "missed": missed}  # fmt: skip
+
+
 @dataclass
 class ProbeTimes:
     """When the model's probes saw each request's write and each tls.Conn close."""
@@ -298,7 +377,9 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         for p in manifest.names("client")
         for e in read_jsonl(run_dir / conn_log_name(p), missing_ok=True)
     ]
-    every_write, repeats = drop_repeats(trace.writes)
+    openssl = settings.get("library") == "openssl"
+    # Go: one Write may print twice (drop_repeats); an OpenSSL write is one call, one line.
+    every_write, repeats = (trace.writes, 0) if openssl else drop_repeats(trace.writes)
     # The clients' writes: the prediction knows only what the clients logged. A Go server's
     # responses go through the same probes; they are counted apart.
     client_pids = {r.get("pid") for r in requests}
@@ -312,15 +393,23 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
     request_writes = [w for w in writes if (w.pid, w.true.sport, w.true.dport, w.ts) in firsts]
     stale = [w for w in request_writes if w.stale]
     connections = {(w.pid, w.true) for w in writes}
-    first_writes: dict[tuple[int, Tuple4], Write] = {}
-    for w in writes:
-        first_writes.setdefault((w.pid, w.true), w)
-    reused = sum(1 for w in first_writes.values() if w.via == "conn")
-    predicted = predict(key_kind, fd_cache, requests, conn_events, trace.socket_closes, times)
+    if openssl:
+        # An SSL_set_fd on an address whose entry was alive: another connection's, maybe
+        # another process's (the entry is taken over).
+        reused = sum(1 for s in trace.set_fds if s[1] in client_pids and s[4])
+        predicted = predict_openssl(key_kind, requests, conn_events, times, trace.set_fds)
+    else:
+        first_writes: dict[tuple[int, Tuple4], Write] = {}
+        for w in writes:
+            first_writes.setdefault((w.pid, w.true), w)
+        reused = sum(1 for w in first_writes.values() if w.via == "conn")
+        predicted = predict(key_kind, fd_cache, requests, conn_events, trace.socket_closes, times)
+    missed = sum(1 for w in request_writes if w.via in NO_TUPLE)
     judged = judge_requests(requests, request_writes)
     judged_writes = len(request_writes)
     section: dict[str, Any] = {
         "key": key_kind,
+        "library": "openssl" if openssl else "go",
         "fd_cache": fd_cache,
         "writes": len(writes),
         "request_writes": judged_writes,
@@ -332,17 +421,25 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         "connections": len(connections),
         "reused_addresses": rate(reused, len(connections)),
         "stale_observed": rate(len(stale), judged_writes),
-        "stale_by_cache": {via: sum(1 for w in stale if w.via == via) for via in ("conn", "fd")},
+        "stale_by_cache": {
+            via: sum(1 for w in stale if w.via == via) for via in ("conn", "fd", "socket")
+        },
         "stale_predicted": rate(predicted["stale"], judged_writes),
         "predicted": predicted,
         "cross_process_collisions": rate(sum(1 for w in stale if w.owner != w.pid), judged_writes),
+        "no_tuple": rate(missed, judged_writes),
         "requests": judged,
     }
-    section["agree"] = predicted["stale"] == len(stale) and predicted["reused_addresses"] == reused
+    section["agree"] = (
+        predicted["stale"] == len(stale)
+        and predicted["reused_addresses"] == reused
+        and predicted.get("missed", missed) == missed
+    )
     if not section["agree"]:
         section["finding"] = (
-            f"the model printed {len(stale)} stale tuple(s) and {reused} reused address(es); "
-            f"the client logs predict {predicted['stale']} and {predicted['reused_addresses']}"
+            f"the model printed {len(stale)} stale tuple(s), {reused} reused address(es) and "
+            f"{missed} write(s) without a tuple; the client logs predict {predicted['stale']}, "
+            f"{predicted['reused_addresses']} and {predicted.get('missed', missed)}"
         )
     return section
 

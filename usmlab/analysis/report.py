@@ -373,8 +373,10 @@ def render_table(report: Report) -> str:
     if report.model is not None:
         m = report.model
         lines.append(
-            f"model {m['key']:<10} stale tuples {m['stale_observed']['text']}; predicted "
-            f"{m['stale_predicted']['text']}; address reuse {m['reused_addresses']['text']}"
+            f"model            {m.get('library', 'go')} cache, key {m['key']}: stale tuples "
+            f"{m['stale_observed']['text']}; predicted {m['stale_predicted']['text']}; "
+            f"across processes {m['cross_process_collisions']['text']}; "
+            f"address reuse {m['reused_addresses']['text']}"
         )
         lines.append(
             f"  requests       stale-tuple {m['requests']['stale_tuple']['text']}, against "

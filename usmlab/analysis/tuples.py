@@ -13,6 +13,7 @@ A line whose ports are both 0 means the tracer could not follow the pointers to 
 
 from __future__ import annotations
 
+import bisect
 import re
 from pathlib import Path
 from typing import Any
@@ -46,10 +47,11 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
     client_pids = {r.pid for r in requests if r.pid is not None}
     # A client's request: (pid, local port, server port) -> [(from, to, index)].
     windows: dict[tuple[int | None, int, int | None], list[tuple[float, float, int]]] = {}
-    for i, r in enumerate(requests):
+    for i, r in sorted(enumerate(requests), key=lambda item: item[1].start):
         if r.local_port is not None:
             key = (r.pid, r.local_port, r.remote_port)
-            windows.setdefault(key, []).append((r.start - SLACK, r.end + SLACK, i))
+            windows.setdefault(key, []).append((r.start, r.end, i))
+    starts = {key: [start for start, _, _ in spans] for key, spans in windows.items()}
     writes = wrong = unreadable = 0
     seen: set[int] = set()
     per_server: dict[int, dict[str, int]] = {}
@@ -63,8 +65,8 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
             continue
         row = per_server.setdefault(tup.dport, {"writes": 0, "wrong_tuple": 0})
         row["writes"] += 1
-        candidates = windows.get((pid, tup.sport, tup.dport), ())
-        match = next((i for start, end, i in candidates if start <= ts <= end), None)
+        key = (pid, tup.sport, tup.dport)
+        match = _request_at(windows.get(key, []), starts.get(key, []), ts)
         if match is not None:
             seen.add(match)
             continue
@@ -83,3 +85,19 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
         "per_server": {str(port): row for port, row in sorted(per_server.items())},
         "examples": examples,
     }
+
+
+def _request_at(
+    spans: list[tuple[float, float, int]], starts: list[float], ts: float
+) -> int | None:
+    """The request on one connection a write at `ts` belongs to: the one under way then, else
+    the nearest within SLACK (clocks and logging differ by a little). Keep-alive requests
+    follow each other within a millisecond: the nearest, never merely the first in the slack."""
+    index = bisect.bisect_right(starts, ts) - 1
+    near = [spans[j] for j in (index, index + 1, index - 1) if 0 <= j < len(spans)]
+    for start, end, i in near:
+        if start <= ts <= end:
+            return i
+    gaps = [(min(abs(ts - start), abs(ts - end)), i) for start, end, i in near]
+    best = min(gaps, default=None)
+    return best[1] if best is not None and best[0] <= SLACK else None

@@ -21,6 +21,7 @@ from typing import Annotated, Any, TypeVar
 import typer
 
 from usmlab.errors import EXIT_FAILED, UsmlabError
+from usmlab.progress import SILENCE, Phase, Progress, Reporter
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -61,63 +62,105 @@ def friendly(func: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
-class TerminalReporter:
-    """A run's progress as the tools around it show theirs: on a terminal, a rich progress bar
-    for the client's requests (rate, ETA) and a spinner while the tracer attaches; elsewhere (CI
-    logs, pipes) the same as plain lines, never an escape sequence."""
+class TerminalReporter(Reporter):
+    """Progress as the tools around it show theirs: on a terminal, rich progress bars (client
+    requests with rate and ETA; box build, VM boot, provisioning and collect with their steps)
+    and a spinner while the tracer attaches; elsewhere (CI logs, pipes) the plain lines of
+    usmlab/progress.py, never an escape sequence."""
 
     def __init__(self) -> None:
+        super().__init__(say)
         self.tty = sys.stderr.isatty()
-        self._bar: Any = None
+        self._live: Any = None  # the rich Progress on screen, which lines must print above
         self._task: Any = None
         self._t0 = 0.0
 
     def say(self, message: str) -> None:
-        if self._bar is not None:
-            self._bar.console.print(message, markup=False, highlight=False)
+        if self._live is not None:
+            self._live.console.print(message, markup=False, highlight=False)
         else:
             say(message)
 
     def requests(self, done: int, total: int | None) -> None:
         if not self.tty:
-            say(f"client: {done}/{total if total else '∞'} requests")
+            super().requests(done, total)
             return
-        if self._bar is None:
-            from rich.console import Console
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeRemainingColumn,
-            )  # fmt: skip
+        if self._live is None:
+            from rich.progress import MofNCompleteColumn, TimeRemainingColumn
 
-            self._bar = Progress(
-                TextColumn("client"), BarColumn(), MofNCompleteColumn(),
-                TextColumn("{task.fields[rate]}"), TimeRemainingColumn(),
-                console=Console(stderr=True), transient=True,
-            )  # fmt: skip
-            self._bar.start()
-            self._task = self._bar.add_task("requests", total=total, rate="")
+            self._live = _bar(MofNCompleteColumn(), _text("{task.fields[rate]}"),
+                              TimeRemainingColumn(), transient=True)  # fmt: skip
+            self._live.start()
+            self._task = self._live.add_task("client", total=total, rate="")
             self._t0 = time.monotonic()
         elapsed = max(time.monotonic() - self._t0, 1e-6)
-        self._bar.update(self._task, completed=done, rate=f"{done / elapsed:.0f} req/s")
+        self._live.update(self._task, completed=done, rate=f"{done / elapsed:.0f} req/s")
 
     @contextlib.contextmanager
     def waiting(self, what: str) -> Iterator[None]:
         if not self.tty:
-            say(what)
-            yield
+            with super().waiting(what):
+                yield
             return
         from rich.console import Console
 
         with Console(stderr=True).status(what, spinner="dots"):
             yield
 
+    @contextlib.contextmanager
+    def phase(self, what: str, total: int | None = None, every: float = SILENCE) -> Iterator[Phase]:
+        if not self.tty:
+            with super().phase(what, total, every) as phase:
+                yield phase
+            return
+        self.close()  # a requests bar still drawn: its requests are over when a phase begins
+        from rich.progress import MofNCompleteColumn, TimeElapsedColumn
+
+        live = _bar(MofNCompleteColumn(), TimeElapsedColumn(), _text("{task.fields[note]}"))
+        task = live.add_task(what, total=total, note="")
+        self._live = live
+        try:
+            with live:
+                yield _BarPhase(self.say, what, total, live, task)
+        finally:
+            self._live = None
+
     def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
-            self._bar = None
+        if self._live is not None:
+            self._live.stop()
+            self._live = None
+
+
+class _BarPhase(Phase):
+    """A phase drawn as a rich bar: steps done of the total, the step under way, its latest
+    output."""
+
+    def __init__(self, say: Progress, what: str, total: int | None, live: Any, task: Any) -> None:
+        super().__init__(say, what, total)
+        self.live, self.task = live, task
+
+    def step(self, number: int, note: str, total: int | None = None) -> None:
+        self._begin(number, total, note)  # the bar says it; no line
+
+    def shown(self) -> None:
+        note = f"{self.note}: {self.latest}" if self.latest else self.note
+        width = max(self.live.console.width - 60, 20)
+        self.live.update(self.task, total=self.total, completed=self.done, note=note[:width])
+
+
+def _bar(*columns: Any, transient: bool = False) -> Any:
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress
+
+    return Progress(_text("{task.description}"), BarColumn(), *columns,
+                    console=Console(stderr=True), transient=transient)  # fmt: skip
+
+
+def _text(template: str) -> Any:
+    """A rich text column (rich is imported only when a bar is drawn: the CLI starts faster)."""
+    from rich.progress import TextColumn
+
+    return TextColumn(template)
 
 
 # Options several verbs take, declared once.

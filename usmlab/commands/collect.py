@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from usmlab.commands import friendly
+from usmlab.commands import TerminalReporter, friendly
 
 
 @friendly
@@ -19,7 +19,8 @@ def collect_cmd(
     from usmlab.analysis.report import exit_status, render_table
     from usmlab.run.collect import collect_run
 
-    collected = collect_run(run_dir, identity)
+    reporter = TerminalReporter()
+    collected = collect_run(run_dir, identity, progress=reporter)
     print(f"{run_dir}: fetched {len(collected.fetched)} file(s), all verified by sha256")
     if collected.report is not None:
         print(render_table(collected.report))

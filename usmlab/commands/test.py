@@ -94,6 +94,12 @@ def test_cmd(
         bool | None,
         typer.Option(help="Go: raw TLS, every connection dropped without Close (GC closes it)."),
     ] = None,
+    same_layout: Annotated[
+        bool | None,
+        typer.Option(
+            help="Python: clients run with address randomization off (as forked workers)."
+        ),
+    ] = None,
     restart: Annotated[
         str | None, typer.Option(help="Kill and respawn mid-traffic: client, server, both.")
     ] = None,
@@ -140,6 +146,7 @@ def test_cmd(
         skip_close=skip_close,
         gc_every=gc_every,
         close_nothing=close_nothing,
+        same_layout=same_layout,
         restart=restart,
         restart_after=None if restart_after is None else parse_duration(restart_after, "delay"),
         preexisting=None if preexisting is None else parse_duration(preexisting, "lead time"),

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import typer
 
-from usmlab.commands import JsonOption, friendly, say
+from usmlab.commands import JsonOption, TerminalReporter, friendly, say
 from usmlab.errors import UsageError
 
 
@@ -55,6 +55,7 @@ def up_cmd(
     from usmlab.vm import vagrant
 
     arch = require_arch(arch, "--arch").go if arch else None
+    reporter = TerminalReporter()
 
     overrides: dict[str, Any] = {
         "provider": provider, "box": box, "cpus": cpus, "memory": memory,
@@ -83,7 +84,7 @@ def up_cmd(
             from usmlab.vm.libvirt_host import ensure_libvirt_daemons
 
             ensure_libvirt_daemons(say)
-        result = vagrant.up(Path.cwd(), kept, progress=say, cwd=Path.cwd())
+        result = vagrant.up(Path.cwd(), kept, progress=reporter, cwd=Path.cwd())
         print(f"VM {result.action} in {result.seconds:.1f} s (its settings kept)")
         return
     if lab:
@@ -93,14 +94,14 @@ def up_cmd(
         require_emulator(arch)
         ensure_libvirt_daemons(say)
         given = {k: v for k, v in overrides.items() if v is not None}
-        test_box = build_test_box(progress=say, arch=arch)
+        test_box = build_test_box(progress=reporter, arch=arch)
         overrides = {**test_box.lab_settings(), "profile": "test", **given}
     elif arch:
         overrides["box_architecture"] = arch
     settings = _vm_settings(**overrides)
     for line in settings.describe():
         say(f"[vm] {line}")
-    result = vagrant.up(Path.cwd(), settings, progress=say, cwd=Path.cwd())
+    result = vagrant.up(Path.cwd(), settings, progress=reporter, cwd=Path.cwd())
     print(f"VM {result.action} in {result.seconds:.1f} s; `usmlab test scenario1` now runs there")
 
 

@@ -115,6 +115,7 @@ class ClientConfig:
         log: Optional[str],
         timeout: float,
         check: bool,
+        conn_log: Optional[str] = None,
     ) -> None:
         self.targets = tuple(targets)
         self.count = count
@@ -127,6 +128,7 @@ class ClientConfig:
         self.log = log
         self.timeout = timeout
         self.check = check
+        self.conn_log = conn_log
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -162,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--timeout", default=DEFAULT_TIMEOUT, help="per-request socket timeout")
     parser.add_argument(
         "--check", action="store_true", help="only wait for a TLS handshake with every url"
+    )
+    parser.add_argument(
+        "--conn-log",
+        default=None,
+        help="connection opens and closes, with each one's OpenSSL SSL* address (JSON lines)",
+    )
+    parser.add_argument(
+        "--same-layout",
+        action="store_true",
+        help="run with address randomization off, so identical clients allocate at the same "
+        "addresses (as workers forked from one parent do)",
     )
     return parser
 
@@ -202,6 +215,7 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> ClientConfig:
         log=args.log,
         timeout=timeout,
         check=args.check,
+        conn_log=args.conn_log,
     )
 
 
@@ -454,9 +468,10 @@ class Schedule:
 class Connection:
     """An open TLS connection and the identity the logs give it."""
 
-    def __init__(self, http_conn: http.client.HTTPSConnection, conn_id: str) -> None:
+    def __init__(self, http_conn: http.client.HTTPSConnection, conn_id: str, event: Record) -> None:
         self.http = http_conn
         self.conn_id = conn_id
+        self.event = event  # its `open` event in --conn-log: who it is, for its `close`
 
 
 # A worker's open keep-alive connections (reuse mode), one per server: index in config.targets.
@@ -467,11 +482,16 @@ class LabClient:
     """Runs the schedule with N workers, records every request, prints a summary."""
 
     def __init__(
-        self, config: ClientConfig, tls_context: ssl.SSLContext, log: "labkit.JsonLinesLog"
+        self,
+        config: ClientConfig,
+        tls_context: ssl.SSLContext,
+        log: "labkit.JsonLinesLog",
+        conn_log: Optional["labkit.JsonLinesLog"] = None,
     ):
         self.config = config
         self.tls_context = tls_context
         self.log = log
+        self.conn_log = conn_log
         self.pid = os.getpid()
         self.schedule = Schedule(time.monotonic(), config.interval, config.count, config.duration)
         self.stop_event = threading.Event()
@@ -533,7 +553,7 @@ class LabClient:
                 self._request(seq, due, kept)
         finally:
             for connection in kept.values():
-                connection.http.close()
+                self._close(connection)
 
     def _wait_until(self, due: float) -> bool:
         """Sleep until ``due`` on the monotonic clock; False if stopped meanwhile."""
@@ -598,18 +618,18 @@ class LabClient:
         try:
             return self._send(connection, record["path"])
         except STALE_CONNECTION_ERRORS:
-            connection.http.close()
+            self._close(connection)
             if not reused:
                 raise
         except BaseException:
-            connection.http.close()
+            self._close(connection)
             raise
         # The server closed an idle keep-alive connection under us: one retry on a fresh one.
         connection = self._connect(target, record)
         try:
             return self._send(connection, record["path"])
         except BaseException:
-            connection.http.close()
+            self._close(connection)
             raise
 
     def _use(self, connection: Connection, record: Record) -> None:
@@ -641,7 +661,21 @@ class LabClient:
             target.host, target.port, timeout=self.config.timeout, context=self.tls_context
         )
         http_conn.sock = tls
-        return Connection(http_conn, conn_id)
+        event = {
+            "pid": self.pid, "conn_id": conn_id, "ssl": ssl_pointer(tls), "fd": tls.fileno(),
+            "local_port": local[1], "remote": target.remote,
+        }  # fmt: skip
+        self._conn_event("open", event)
+        return Connection(http_conn, conn_id, event)
+
+    def _close(self, connection: Connection) -> None:
+        # Logged before the close: the fd number is free again once it returns.
+        self._conn_event("close", connection.event)
+        connection.http.close()
+
+    def _conn_event(self, kind: str, event: Record) -> None:
+        if self.conn_log is not None:
+            self.conn_log.write({"event": kind, **event, "mono": time.monotonic()})
 
     def _send(self, connection: Connection, path: str) -> Tuple[Optional[Connection], int]:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
@@ -652,7 +686,7 @@ class LabClient:
         response.read()
         status = int(response.status)
         if not self.config.reuse or response.will_close:
-            connection.http.close()
+            self._close(connection)
             return None, status
         return connection, status
 
@@ -754,12 +788,52 @@ def handshake(target: Target, tls_context: ssl.SSLContext, timeout: float) -> No
 # Entry point
 
 
+def ssl_pointer(tls: ssl.SSLSocket) -> Optional[str]:
+    """The address of the OpenSSL `SSL` object behind a socket, as a uprobe on SSL_set_fd sees
+    it: CPython's `_ssl._SSLSocket` holds it right after its object header and its socket
+    weakref (Modules/_ssl.c, 3.8-3.13). None where that layout is not known (docs/usm-model.md).
+    """
+    obj = getattr(tls, "_sslobj", None)
+    if obj is None or sys.implementation.name != "cpython" or hasattr(sys, "gettotalrefcount"):
+        return None  # not CPython, or a debug build (a bigger object header)
+    import ctypes
+
+    word = ctypes.sizeof(ctypes.c_void_p)
+    address = ctypes.c_void_p.from_address(id(obj) + 3 * word).value
+    return "{:x}".format(address) if address else None
+
+
+ADDR_NO_RANDOMIZE = 0x0040000  # personality(2)
+
+
+def run_with_same_layout() -> None:
+    """Re-execute this client (same PID) with address randomization off, once: identical
+    clients then allocate their SSL objects at identical addresses, as workers forked from one
+    parent do (gunicorn, celery, multiprocessing). docs/usm-model.md."""
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    current = libc.personality(0xFFFFFFFF)
+    if current < 0 or current & ADDR_NO_RANDOMIZE:
+        return
+    if libc.personality(current | ADDR_NO_RANDOMIZE) < 0:
+        raise OSError(ctypes.get_errno(), "personality(ADDR_NO_RANDOMIZE) refused")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, *sys.argv])
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         config = parse_config(argv)
     except UsageError as exc:
         print("error: {}".format(exc), file=sys.stderr)
         return EXIT_USAGE
+    if argv is None and "--same-layout" in sys.argv[1:]:
+        try:
+            run_with_same_layout()
+        except OSError as exc:
+            print("error: --same-layout: {}".format(labkit.one_line(exc)), file=sys.stderr)
+            return EXIT_USAGE
     try:
         tls_context = make_tls_context(config.cacert)
     except (OSError, ssl.SSLError) as exc:
@@ -779,7 +853,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         )
         return EXIT_USAGE
 
-    client = LabClient(config, tls_context, log)
+    try:
+        conn_log = labkit.JsonLinesLog(config.conn_log) if config.conn_log else None
+    except OSError as exc:
+        print("error: cannot open --conn-log: {}".format(labkit.one_line(exc)), file=sys.stderr)
+        return EXIT_USAGE
+    client = LabClient(config, tls_context, log, conn_log)
 
     def on_signal(signum: int, frame: Any) -> None:
         client.stop(signal.Signals(signum).name)
@@ -792,6 +871,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         client.run()
     finally:
         log.close()
+        if conn_log is not None:
+            conn_log.close()
     if client.stop_signal is not None:
         client.say("Stopped by {}".format(client.stop_signal))
     stats = client.summary.result(connections=client.connections_opened)

@@ -34,7 +34,7 @@ def mapped_libraries(pid="self", pattern=r"/libssl[^/]*\.so"):
     return found
 
 
-def elf_functions(path, pattern=r"SSL_(read|write)(_ex)?|SSL_set_fd"):
+def elf_functions(path, pattern=r"SSL_(read|write)(_ex)?|SSL_set_fd|SSL_shutdown"):
     """Names matching pattern that an ELF shared library defines as functions in its dynamic
     symbol table (what a uprobe can attach to by name); None when the file is not readable
     ELF. Read here rather than with `bpftrace -l`, which costs a process start as root."""

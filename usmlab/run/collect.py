@@ -15,6 +15,7 @@ from usmlab.analysis.html import write_html_later
 from usmlab.analysis.report import Report, analyze_run, write_report
 from usmlab.errors import UsageError
 from usmlab.manifest import Manifest, now_iso
+from usmlab.progress import Progress, Reporter, as_reporter, discard
 from usmlab.run.cleanup import clean_target
 from usmlab.targets import open_target
 
@@ -28,7 +29,10 @@ class Collected:
 
 
 def collect_run(
-    run_dir: Path, identity: Path | None = None, work_dir: str | None = None
+    run_dir: Path,
+    identity: Path | None = None,
+    work_dir: str | None = None,
+    progress: Progress | Reporter = discard,
 ) -> Collected:
     try:
         manifest = Manifest.read(run_dir)
@@ -41,7 +45,8 @@ def collect_run(
     key = identity or (Path(where["identity"]) if where.get("identity") else None)
     target = open_target(spec, key, work_dir or where.get("work_dir"))
     try:
-        fetched = target.fetch_dir(remote_dir, run_dir.resolve())
+        with as_reporter(progress).phase("collect") as phase:
+            fetched = target.fetch_dir(remote_dir, run_dir.resolve(), phase.files)
         # A run cut off mid-way could not restore tracefs or end its processes itself.
         clean_target(target, run_id=manifest.get("run_id"))
     finally:

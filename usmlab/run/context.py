@@ -11,12 +11,13 @@ import contextlib
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from usmlab.manifest import Manifest
+from usmlab.progress import Progress, Reporter
 from usmlab.run.signals import held_signals
 from usmlab.scenarios import Params, Scenario
 from usmlab.targets.base import BackgroundProcess, Target
@@ -24,25 +25,6 @@ from usmlab.tracers import Tracer, TracerContext
 
 if TYPE_CHECKING:
     from usmlab.run.trace_reader import TracePipeCapture
-
-Progress = Callable[[str], None]
-
-
-class Reporter:
-    """Where a run tells its progress: lines, a count of requests, a wait. This plain one writes
-    lines; the CLI's (commands/__init__.py) draws bars and spinners on a terminal."""
-
-    def __init__(self, say: Progress = lambda message: None) -> None:
-        self.say = say
-
-    def requests(self, done: int, total: int | None) -> None:
-        self.say(f"client: {done}/{total if total else '∞'} requests")
-
-    @contextlib.contextmanager
-    def waiting(self, what: str) -> Iterator[None]:
-        self.say(what)
-        yield
-
 
 # Teardown stages, in the order they run: traffic first, the processes watching it next, the
 # trace reader after every tracer, then what is not a process (the NAT rule, the run marker).

@@ -62,6 +62,17 @@ class GoClient(Feature):
         return [*flags, "--conn-log", ctx.remote(conn_log_name(name))]
 
 
+class PythonClientEvidence(Feature):
+    """The Python client under the usm-model tracer: its connections' opens and closes with
+    their SSL* addresses (the OpenSSL model's independent check), and, for `--same-layout`,
+    address randomization off."""
+
+    def client_flags(self, ctx: RunContext, name: str, flags: list[str]) -> list[str]:
+        if (ctx.tracer_name or "").startswith("usm-model"):
+            flags = [*flags, "--conn-log", ctx.remote(conn_log_name(name))]
+        return [*flags, "--same-layout"] if ctx.params.same_layout else flags
+
+
 class GoServer(Feature):
     """The Go server (kit/go_server), built on the target: the repro's servers were Go's."""
 
@@ -161,6 +172,7 @@ class Restart(Feature):
 FEATURES: tuple[tuple[Callable[[Params], bool], Callable[[], Feature]], ...] = (
     (lambda p: p.ephemeral_server, EphemeralPortServer),
     (lambda p: p.client == "go", GoClient),
+    (lambda p: p.client == "python", PythonClientEvidence),
     (lambda p: p.server == "go", GoServer),
     (lambda p: p.clients > 1, SeveralClients),
     (lambda p: p.nat_vip is not None, Nat),

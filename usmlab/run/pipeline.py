@@ -26,9 +26,10 @@ from usmlab.errors import EXIT_FAILED, RunInterrupted, UsmlabError
 from usmlab.jsonlines import iter_jsonl
 from usmlab.kit.client import RunningSummary
 from usmlab.manifest import Manifest, new_run_dir, now_iso, process_start
+from usmlab.progress import Progress, Reporter
 from usmlab.run import stages
 from usmlab.run.cleanup import clean_target
-from usmlab.run.context import Progress, Reporter, RunContext
+from usmlab.run.context import RunContext
 from usmlab.run.features import features_for
 from usmlab.run.signals import signals_as_interrupts, signals_noted
 from usmlab.scenarios import Params, Scenario
@@ -231,7 +232,8 @@ class LabRun:
         """Bring every file of the remote run folder home, then record hashes."""
         ctx = self.ctx
         try:
-            ctx.target.fetch_dir(ctx.remote_dir, ctx.run_dir)
+            with ctx.reporter.phase("collect") as phase:
+                ctx.target.fetch_dir(ctx.remote_dir, ctx.run_dir, phase.files)
         except Exception as exc:  # noqa: BLE001 - keep what is local; the manifest says why
             ctx.manifest["collect_error"] = str(exc)
         ctx.manifest.inventory()

@@ -156,6 +156,7 @@ def start_observers(ctx: RunContext) -> None:
         with held_signals():
             proc = tracer.start(target, tctx)
             ctx.registry.process(proc, "tracer", nudge=("client", signal.SIGINT) if early else None)
+        ctx.manifest.update(tracer.manifest_facts())  # what it chose once it saw the run
         if early and ctx.capture is not None:
             capture_entry = next(e for e in ctx.registry.entries if e.role == "capture")
             capture_entry.nudge = ("server", signal.SIGTERM)

@@ -11,7 +11,7 @@ import hashlib
 import signal
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -57,6 +57,8 @@ class BackgroundProcess:
 
 # The controller's one stop ladder is `Target.stop_many`; these are the rungs it climbs.
 Ladder = tuple[tuple[signal.Signals, float], ...]
+# fetch_dir tells of each file it copies: (number, total, relative name).
+FileProgress = Callable[[int, int, str], None]
 # A lab process: ask politely, then insist.
 STOP_SEQUENCE: Ladder = ((signal.SIGINT, 5.0), (signal.SIGTERM, 3.0), (signal.SIGKILL, 2.0))
 
@@ -237,17 +239,23 @@ class Target(ABC):
                 digests[path[2:]] = digest
         return dict(sorted(digests.items()))
 
-    def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
+    def fetch_dir(
+        self, remote_dir: str, local_dir: Path, on_file: FileProgress | None = None
+    ) -> list[str]:
         """Copy every file of a remote folder into local_dir, verified by sha256.
 
         Files already present locally with the right content are not copied again, so an
         interrupted collection resumes where it stopped. Returns the relative paths fetched.
+        `on_file(number, total, name)` is told of each file before it is copied.
         """
         fetched = []
-        for name, digest in self.file_hashes(remote_dir).items():
+        digests = self.file_hashes(remote_dir)
+        for number, (name, digest) in enumerate(digests.items(), 1):
             local = local_dir / name
             if local.is_file() and sha256_file(local) == digest:
                 continue
+            if on_file is not None:
+                on_file(number, len(digests), name)
             self.get(self.join(remote_dir, name), local)
             if sha256_file(local) != digest:
                 raise UsmlabError(f"{name} changed in transit (sha256 mismatch); collect again")

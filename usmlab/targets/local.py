@@ -12,7 +12,13 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 from usmlab.errors import UsmlabError
-from usmlab.targets.base import BackgroundProcess, CommandFailed, CommandResult, Target
+from usmlab.targets.base import (
+    BackgroundProcess,
+    CommandFailed,
+    CommandResult,
+    FileProgress,
+    Target,
+)
 
 
 def default_state_dir() -> Path:
@@ -111,10 +117,12 @@ class LocalTarget(Target):
         """Locally the run folder is written in place: nothing to copy back."""
         return str(local_run_dir)
 
-    def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
+    def fetch_dir(
+        self, remote_dir: str, local_dir: Path, on_file: FileProgress | None = None
+    ) -> list[str]:
         if Path(remote_dir).resolve() == local_dir.resolve():
             return []  # written in place
-        return super().fetch_dir(remote_dir, local_dir)
+        return super().fetch_dir(remote_dir, local_dir, on_file)
 
     def start(
         self,

@@ -23,6 +23,7 @@ TRACERS: dict[str, str | None] = {
     "builtin": "usmlab.tracers.builtin:BuiltinTracer",
     "usm-debugger": "usmlab.tracers.usm_debugger:UsmDebuggerTracer",
     # usm-model[:KEY[:read-socket]]: the built-in tracer plus a model of USM's Go-TLS caches
+    # (or, with no Go program in the run, of its OpenSSL cache)
     "usm-model": "usmlab.tracers.usm_model:UsmModelTracer",
     "none": None,
     "system-probe": None,

@@ -27,6 +27,8 @@ from usmlab.tracers.go_tls import check_go_binary, render_go_probes
 SSL_FUNCTIONS = ("SSL_write", "SSL_write_ex", "SSL_read", "SSL_read_ex")
 # Where an SSL object gets its socket: the fd whose socket each capture's tuple is read from.
 SET_FD = "SSL_set_fd"
+# Where USM deletes an SSL object's entry (the usm-model tracer models it).
+SHUTDOWN = "SSL_shutdown"
 PROGRAM_NAME = "tracer.bt"
 
 
@@ -64,16 +66,21 @@ class BuiltinTracer(Tracer):
         if not libraries:
             raise UsmlabError("no libssl found in the target's python3 process maps")
         known = ctx.facts.get("libssl_functions") or {}
+        wanted = (*SSL_FUNCTIONS, SET_FD, SHUTDOWN)
         functions = {
-            lib: [f for f in (*SSL_FUNCTIONS, SET_FD) if f in known[lib]]
+            lib: [f for f in wanted if f in known[lib]]
             if isinstance(known.get(lib), list)
-            else exported_functions(target, lib, (*SSL_FUNCTIONS, SET_FD))  # not readable ELF
+            else exported_functions(target, lib, wanted)  # not readable ELF
             for lib in libraries
         }
-        functions = {lib: names for lib, names in functions.items() if set(names) - {SET_FD}}
+        functions = {
+            lib: names for lib, names in functions.items() if set(names) - {SET_FD, SHUTDOWN}
+        }
         if not functions:
             raise UsmlabError(f"none of {', '.join(SSL_FUNCTIONS)} found in {libraries[0]}")
-        program = with_end(render_program(ctx.run_id, functions) + self.go_probes(ctx, target))
+        program = with_end(
+            render_program(ctx.run_id, functions) + self.extra_probes(ctx, target, functions)
+        )
         local_copy = Path(ctx.facts["local_run_dir"]) / PROGRAM_NAME
         local_copy.write_text(program)
         remote_program = target.join(ctx.run_dir, PROGRAM_NAME)
@@ -88,8 +95,10 @@ class BuiltinTracer(Tracer):
         ]
         return target.start(argv, name="tracer", stdout_path=log, sudo=True)
 
-    def go_probes(self, ctx: TracerContext, target: Target) -> str:
-        """The probes of the run's Go binaries, appended to the OpenSSL program."""
+    def extra_probes(
+        self, ctx: TracerContext, target: Target, functions: dict[str, list[str]]
+    ) -> str:
+        """Probes appended to the OpenSSL program: the run's Go binaries'."""
         if not ctx.go_binaries:
             return ""
         for binary in ctx.go_binaries:

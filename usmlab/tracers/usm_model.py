@@ -1,5 +1,6 @@
 """`--tracer usm-model[:KEY[:read-socket]]`: the built-in tracer plus a MODEL of USM's Go-TLS
-tuple caches, in bpftrace, on real Go runtime memory (docs/usm-model.md).
+tuple caches, in bpftrace, on real Go runtime memory (docs/usm-model.md); with no Go program in
+the run, a model of its OpenSSL cache (`ssl_sock_by_ctx`) on the Python clients' libssl.
 
 The model is not USM: it follows, on the lab's own Go client, the logic USM's eBPF code applies
 to give a Go TLS write its connection tuple: a cache keyed by the `*tls.Conn` (KEY: `pointer`,
@@ -15,11 +16,13 @@ from usmlab.errors import UsageError, UsmlabError
 from usmlab.targets.base import Target
 from usmlab.tracers import TracerContext
 from usmlab.tracers.bpftrace import LINE_MAX, render_template
-from usmlab.tracers.builtin import BuiltinTracer
+from usmlab.tracers.builtin import SET_FD, BuiltinTracer
 from usmlab.tracers.go_tls import REGISTERS, check_go_binary, go_arch
 
 # KEY -> the bpftrace map key of the conn cache.
 KEYS = {"pointer": "$c", "pointer-fd": "$c, $netfd", "pid-pointer": "pid, $c"}
+# The OpenSSL cache's keys: the SSL* alone (USM before its pid_tgid key), or with the pid.
+OPENSSL_KEYS = {"pointer": "$c", "pid-pointer": "pid, $c"}
 DEFAULT_KEY = "pointer"
 READ_SOCKET = "read-socket"
 
@@ -42,12 +45,14 @@ class UsmModelTracer(BuiltinTracer):
 
     def __init__(self, spec: str = "usm-model") -> None:
         self.key, self.fd_cache = parse_model_spec(spec)
+        self.library = "go"  # or "openssl": which of USM's caches is modelled (extra_probes)
 
-    def go_probes(self, ctx: TracerContext, target: Target) -> str:
+    def extra_probes(
+        self, ctx: TracerContext, target: Target, functions: dict[str, list[str]]
+    ) -> str:
         if not ctx.go_binaries:
-            raise UsmlabError(
-                "the usm-model tracer models USM's Go-TLS caches: run the Go client (--client go)"
-            )
+            return self.openssl_probes(ctx, functions)
+        self.library = "go"
         for binary in ctx.go_binaries:
             check_go_binary(target, binary)
         arch = go_arch(str(ctx.facts["machine"]))
@@ -58,5 +63,26 @@ class UsmModelTracer(BuiltinTracer):
             fd_cache=self.fd_cache, line_max=LINE_MAX,
         )  # fmt: skip
 
+    def openssl_probes(self, ctx: TracerContext, functions: dict[str, list[str]]) -> str:
+        """No Go program in the run: model USM's OpenSSL cache on the libssl the clients use."""
+        if self.key not in OPENSSL_KEYS:
+            raise UsageError(
+                f"usm-model:{self.key} is a Go-TLS key; USM's OpenSSL cache is keyed by "
+                f"{' or '.join(OPENSSL_KEYS)} (or run the Go client, --client go)"
+            )
+        if not self.fd_cache:
+            raise UsageError(f"usm-model:...:{READ_SOCKET} is for Go's (pid, fd) cache")
+        usable = {lib: names for lib, names in functions.items() if SET_FD in names}
+        if not usable:
+            raise UsmlabError(
+                "the usm-model tracer's OpenSSL model needs SSL_set_fd in the clients' libssl"
+            )
+        self.library = "openssl"
+        return render_template(
+            "usm_model_openssl.bt.j2",
+            run_id=ctx.run_id, libraries=sorted(usable), functions=usable,
+            key=OPENSSL_KEYS[self.key], key_name=self.key,
+        )  # fmt: skip
+
     def manifest_facts(self) -> dict[str, object]:
-        return {"model": {"key": self.key, "fd_cache": self.fd_cache}}
+        return {"model": {"key": self.key, "fd_cache": self.fd_cache, "library": self.library}}

@@ -26,8 +26,8 @@ from pathlib import Path
 
 from usmlab.arch import find_arch, require_arch
 from usmlab.errors import UsmlabError
+from usmlab.progress import Phase, Progress, Reporter, as_reporter
 from usmlab.vm.binfmt import foreign_binaries
-from usmlab.vm.ticker import Ticker
 
 # Bump when the build steps change in a way the recipe below does not capture.
 RECIPE_VERSION = 1
@@ -111,7 +111,8 @@ INSECURE_KEY_GLOBS = (
     "/opt/vagrant/embedded/gems/*/gems/vagrant-*/keys/vagrant.pub",
 )
 
-Progress = Callable[[str], None]
+# The steps of a box build, for its progress bar.
+BUILD_STEPS = ("debootstrap", "configuring the guest", "disk image", "packing the box")
 
 
 class BoxBuildError(UsmlabError):
@@ -285,7 +286,7 @@ def cached_test_box(cache_dir: Path, key: str) -> TestBox | None:
 
 def build_test_box(
     cache_dir: Path | None = None,
-    progress: Progress = print,
+    progress: Progress | Reporter = print,
     mirror: str | None = None,
     arch: str | None = None,
 ) -> TestBox:
@@ -299,7 +300,7 @@ def build_test_box(
     key = recipe_key(spec)
     found = cached_test_box(cache_dir, key)
     if found is not None:
-        progress(f"[box] {found.name}: cached in {found.box_file.parent}")
+        as_reporter(progress).say(f"[box] {found.name}: cached in {found.box_file.parent}")
         return found
     _require_build_tools()
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -307,8 +308,11 @@ def build_test_box(
         found = cached_test_box(cache_dir, key)  # another process may have built it meanwhile
         if found is not None:
             return found
-        box = _build(cache_dir, key, spec, mirror or apt_mirror(), progress)
-        prune_stale_boxes(box, cache_dir, progress)
+        reporter = as_reporter(progress)
+        with reporter.phase("box build", total=len(BUILD_STEPS), every=15.0) as phase:
+            box = _build(cache_dir, key, spec, mirror or apt_mirror(), phase)
+            phase.finish(f"{box.name} ready in {box.box_file.parent}")
+        prune_stale_boxes(box, cache_dir, reporter.say)
         return box
 
 
@@ -443,7 +447,7 @@ def _build_lock(cache_dir: Path) -> Iterator[None]:
 
 
 def _build(
-    cache_dir: Path, key: str, spec: dict[str, object], mirror: str, progress: Progress
+    cache_dir: Path, key: str, spec: dict[str, object], mirror: str, phase: Phase
 ) -> TestBox:
     final = cache_dir / key
     work = cache_dir / f"{key}.building"
@@ -454,18 +458,16 @@ def _build(
     rootfs = work / "rootfs"
     arch = str(spec["arch"])
     started = time.monotonic()
-
-    def step(message: str) -> None:
-        progress(f"[box] {time.monotonic() - started:5.0f}s {message}")
-
     if arch == host_debian_arch():
-        _install_guest(rootfs, log, spec, mirror, step, progress)
+        _install_guest(rootfs, log, spec, mirror, phase)
     else:
-        step(f"{arch} on {host_debian_arch()}: the guest's programs run through qemu-user")
+        phase.say(
+            f"[box] {arch} on {host_debian_arch()}: the guest's programs run through qemu-user"
+        )
         with foreign_binaries(require_arch(arch)):
-            _install_guest(rootfs, log, spec, mirror, step, progress)
+            _install_guest(rootfs, log, spec, mirror, phase)
     kernel, initrd = _copy_boot_files(rootfs, work)
-    step(f"making the disk image ({IMAGE_SIZE_GB} GB ext4, qcow2)")
+    phase.step(3, f"making the disk image ({IMAGE_SIZE_GB} GB ext4, qcow2)")
     raw = work / "root.raw"
     size = f"{IMAGE_SIZE_GB}G"
     _run(
@@ -483,7 +485,7 @@ def _build(
         'Vagrant.configure("2") do |config|\n'
         '  config.vm.provider :libvirt do |lv|\n    lv.driver = "qemu"\n  end\nend\n'
     )
-    step("packing the box")
+    phase.step(4, "packing the box")
     _run(
         ["tar", "-cf", BOX_FILE, "metadata.json", "Vagrantfile", "box.img"],
         log,
@@ -512,7 +514,6 @@ def _build(
         "build_seconds": round(time.monotonic() - started, 1),
     }
     (final / "box.json").write_text(json.dumps(record, indent=2) + "\n")
-    step(f"{box.name} ready in {final}")
     return box
 
 
@@ -521,35 +522,34 @@ def _install_guest(
     log: Path,
     spec: dict[str, object],
     mirror: str,
-    step: Progress,
-    progress: Progress,
+    phase: Phase,
 ) -> None:
     """debootstrap the guest's packages into rootfs, then configure it for Vagrant."""
     arch = str(spec["arch"])
     packages = [str(p) for p in spec["packages"]]  # type: ignore[attr-defined]
     native = arch == host_debian_arch()
-    step(f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 6} min)")
+    phase.step(1, f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 6} min)")
     # dpkg's fsync per file dominates the install on small machines; a throwaway build tree does
     # not need it. The setting is removed before the image is made.
     unsafe_io = rootfs / "etc/dpkg/dpkg.cfg.d/usmlab-build-unsafe-io"
     _write_files(rootfs, {str(unsafe_io.relative_to(rootfs)): ("force-unsafe-io\n", 0o644)})
     _write_files(rootfs, initrd_files())
-    with Ticker(progress, "debootstrap", every=15.0):
-        _run(
-            [
-                "debootstrap",
-                "--variant=minbase",
-                f"--arch={arch}",
-                f"--include={','.join(packages)}",
-                SUITE,
-                str(rootfs),
-                mirror,
-            ],
-            log,
+    _run(
+        [
             "debootstrap",
-        )
+            "--variant=minbase",
+            f"--arch={arch}",
+            f"--include={','.join(packages)}",
+            SUITE,
+            str(rootfs),
+            mirror,
+        ],
+        log,
+        "debootstrap",
+        heard=phase.detail,  # "I: Unpacking libc6..." says how far it is
+    )
     unsafe_io.unlink()
-    step("configuring the guest (vagrant user, sshd, networkd, small initrd)")
+    phase.step(2, "configuring the guest (vagrant user, sshd, networkd, small initrd)")
     _configure_guest(rootfs, spec["files"], log)  # type: ignore[arg-type]
 
 
@@ -608,15 +608,33 @@ def _chroot(rootfs: Path, argv: list[str], log: Path) -> None:
     _run(["chroot", str(rootfs), *argv], log, argv[0])
 
 
-def _run(argv: list[str], log: Path, what: str, cwd: Path | None = None) -> None:
-    """Run a build step with its output appended to the build log; fail with the log's tail."""
+def _run(
+    argv: list[str],
+    log: Path,
+    what: str,
+    cwd: Path | None = None,
+    heard: Callable[[str], None] | None = None,
+) -> None:
+    """Run a build step with its output appended to the build log; fail with the log's tail.
+    `heard` gets each output line as it comes (a progress detail)."""
     with log.open("a") as out:
         out.write(f"$ {' '.join(argv)}\n")
         out.flush()
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive", "LC_ALL": "C"}
-        code = subprocess.run(
-            argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, check=False
-        ).returncode
+        if heard is None:
+            code = subprocess.run(
+                argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, check=False
+            ).returncode
+        else:
+            with subprocess.Popen(
+                argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=cwd, env=env,
+                text=True, errors="replace",
+            ) as proc:  # fmt: skip
+                assert proc.stdout is not None
+                for line in proc.stdout:
+                    out.write(line)
+                    heard(line.strip())
+            code = proc.returncode
     if code != 0:
         lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
         tail = lines[-1] if lines else f"exit status {code}"

@@ -25,10 +25,10 @@ import vagrant as python_vagrant
 
 from usmlab.arch import require_arch
 from usmlab.errors import UsmlabError
+from usmlab.progress import Phase, Progress, Reporter, as_reporter
 from usmlab.vm.box import USER_NIC_MAC, host_debian_arch
 from usmlab.vm.provision import ProvisionScript, render_provision, write_provision
 from usmlab.vm.settings import AGENT_MOUNT, VmSettings, resolved_agent_path
-from usmlab.vm.ticker import Ticker
 
 VAGRANTFILE = Path(__file__).resolve().parents[2] / "Vagrantfile"
 VAGRANTFILE_MARKER = "# The usmlab VM."
@@ -37,7 +37,24 @@ PROVISIONER = "usmlab"
 MACHINE = "default"
 STDERR_TAIL_LINES = 15
 
-Progress = Callable[[str], None]
+# What `vagrant up` says on its way, in order (Vagrant's and vagrant-libvirt's own messages):
+# each begins a step of the "VM boot" bar. A restart skips some; steps never go back.
+BOOT_STEPS = tuple(
+    (label, re.compile(pattern))
+    for label, pattern in (
+        ("bringing the machine up", r"Bringing machine"),
+        ("box volume", r"Checking if volume|Uploading base box|Creating image \(snapshot"),
+        ("domain", r"Creating domain with|Updating domain definition"),
+        ("starting the domain", r"Starting domain|Domain launching"),
+        ("waiting for its address", r"Waiting for domain to get an IP"),
+        ("booting", r"Waiting for machine to boot|Waiting for SSH"),
+        ("booted", r"Machine booted and ready|Machine is booted"),
+        ("network and folders", r"Setting hostname|Configuring and enabling|Rsyncing folder"),
+    )
+)
+# provision/provision.sh.j2 numbers its steps: "[usmlab] step 3/9: bpftool".
+PROVISION_STEP = re.compile(r"\[usmlab\] step (\d+)/(\d+): (.+)$")
+PROVISION_DONE = re.compile(r"\[usmlab\] done: ")
 _ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
 _PROGRESS_BAR = re.compile(r"^Progress: \d+%$")
 _BACKTRACE = re.compile(r"^\s+from \S+:\d+:in ")
@@ -318,25 +335,53 @@ def summarize_stderr(text: str, limit: int = 240) -> str:
 
 
 def _stream(
-    paths: VmPaths, what: str, lines: Iterator[str], progress: Progress, started: float
+    paths: VmPaths, what: str, lines: Iterator[str], reporter: Reporter, started: float
 ) -> list[str]:
-    """Relay Vagrant's output with elapsed time; returns the provisioning script's own lines."""
+    """Relay Vagrant's output with elapsed time, as a "VM boot" phase then a "provisioning"
+    one; returns the provisioning script's own lines."""
     ours = []
     try:
-        with paths.output_log.open("a") as log, Ticker(progress, f"vagrant {what}") as ticker:
+        with paths.output_log.open("a") as log, contextlib.ExitStack() as current:
             log.write(f"=== vagrant {what} {time.strftime('%Y-%m-%dT%H:%M:%S')}\n")
+            phase: Phase = current.enter_context(
+                reporter.phase("VM boot", total=len(BOOT_STEPS))
+                if what == "up"
+                else reporter.phase("provisioning")
+            )
             for raw in lines:
-                ticker.heard()
                 for line in _readable(raw):
                     log.write(line + "\n")
-                    progress(f"[vm {time.monotonic() - started:4.0f}s] {line}")
+                    text = f"[vm {time.monotonic() - started:4.0f}s] {line}"
+                    provision_step = PROVISION_STEP.search(line)
+                    if provision_step and phase.what != "provisioning":
+                        phase.finish()
+                        current.close()
+                        phase = current.enter_context(reporter.phase("provisioning"))
+                    if provision_step:
+                        number, total = int(provision_step[1]), int(provision_step[2])
+                        phase.line(text, step=number, total=total)
+                    elif phase.what == "VM boot":
+                        phase.line(text, step=_boot_step(line))
+                    else:
+                        phase.line(text)
+                    if PROVISION_DONE.search(line):
+                        phase.finish()
                     mark = line.find("[usmlab]")
                     if mark >= 0:
                         ours.append(line[mark:])
                 log.flush()
+            if phase.what == "VM boot":
+                phase.finish("booted")
     except subprocess.CalledProcessError as exc:
-        raise _failure(paths, what, exc, progress) from None
+        raise _failure(paths, what, exc, reporter.say) from None
     return ours
+
+
+def _boot_step(line: str) -> int | None:
+    for number, (_, pattern) in enumerate(BOOT_STEPS, 1):
+        if pattern.search(line):
+            return number
+    return None
 
 
 def _readable(raw: str) -> list[str]:
@@ -421,11 +466,13 @@ def _record_provisioned(paths: VmPaths, script: ProvisionScript, settings: VmSet
 def up(
     root: Path,
     settings: VmSettings,
-    progress: Progress = print,
+    progress: Progress | Reporter = print,
     cwd: Path | None = None,
 ) -> UpResult:
     """Create/start the VM and provision it when needed; a running provisioned VM is left alone."""
     started = time.monotonic()
+    reporter = as_reporter(progress)
+    progress = reporter.say
     paths = VmPaths(root.resolve())
     script = prepare(paths.root, settings, cwd)
     state = status(paths.root)
@@ -437,7 +484,7 @@ def up(
     client = _client(paths)
     if state == "running":
         progress("[vm] running; provisioning (new script, or never ran on this machine)")
-        action, ours = "provisioned", _run_provisioner(paths, client, progress, started)
+        action, ours = "provisioned", _run_provisioner(paths, client, reporter, started)
     else:
         if state == "not_created":
             action = "created"
@@ -449,7 +496,7 @@ def up(
         lines = client.up(
             provider=settings.provider or None, provision=needs_provision, stream_output=True
         )
-        ours = _stream(paths, "up", lines, progress, started)
+        ours = _stream(paths, "up", lines, reporter, started)
     if needs_provision:
         _record_provisioned(paths, script, settings)
     remember(paths.root, settings)
@@ -479,23 +526,27 @@ def remembered(root: Path) -> VmSettings | None:
 
 
 def provision(
-    root: Path, settings: VmSettings, progress: Progress = print, cwd: Path | None = None
+    root: Path,
+    settings: VmSettings,
+    progress: Progress | Reporter = print,
+    cwd: Path | None = None,
 ) -> UpResult:
     """Run the provisioning script again on the running VM (it changes nothing on a ready VM)."""
     started = time.monotonic()
+    reporter = as_reporter(progress)
     paths = VmPaths(root.resolve())
     script = prepare(paths.root, settings, cwd)
     if status(paths.root) != "running":
         raise VagrantError("the VM is not running: run `usmlab up` first")
-    ours = _run_provisioner(paths, _client(paths), progress, started)
+    ours = _run_provisioner(paths, _client(paths), reporter, started)
     _record_provisioned(paths, script, settings)
     seconds = time.monotonic() - started
-    progress(f"[vm] provisioned in {seconds:.0f}s")
+    reporter.say(f"[vm] provisioned in {seconds:.0f}s")
     return UpResult("provisioned", True, seconds, ours)
 
 
 def _run_provisioner(
-    paths: VmPaths, client: python_vagrant.Vagrant, progress: Progress, started: float
+    paths: VmPaths, client: python_vagrant.Vagrant, reporter: Reporter, started: float
 ) -> list[str]:
     """`vagrant provision`, streamed.
 
@@ -504,7 +555,7 @@ def _run_provisioner(
     is used directly.
     """
     lines = client._stream_vagrant_command(["provision", "--provision-with", PROVISIONER])
-    return _stream(paths, "provision", lines, progress, started)
+    return _stream(paths, "provision", lines, reporter, started)
 
 
 def halt(root: Path, progress: Progress = print) -> None:
