@@ -13,6 +13,7 @@ connection's entries are deleted, as USM deletes them, DELETE_AFTER later.
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import platform
@@ -30,6 +31,8 @@ NAMES = {  # map: (key size, value size)
     "tuple_by_pid_fd": (8, 48),
     "pid_fd_by_tuple": (48, 8),
 }
+BPF_MAP_UPDATE_ELEM = 2
+BPF_MAP_DELETE_ELEM = 3
 BPF_OBJ_GET = 7
 NR_BPF = {"x86_64": 321, "aarch64": 280}
 
@@ -39,10 +42,6 @@ def conn_tuple(saddr: str, sport: int, daddr: str, dport: int, pid: int) -> byte
     s = struct.unpack("<I", socket.inet_aton(saddr))[0]
     d = struct.unpack("<I", socket.inet_aton(daddr))[0]
     return struct.pack("<QQQQHHIII", 0, s, 0, d, sport, dport, 0, pid, 1)
-
-
-def hexwords(raw: bytes) -> list[str]:
-    return [f"{b:02x}" for b in raw]
 
 
 # How long after a connection's close its entries go (longer than the dumps' 50 ms, shorter
@@ -99,20 +98,30 @@ class MapsDouble:
         subprocess.run(["umount", str(self.dir / "bpffs")], check=False)
 
     def _update(self, updates: list[tuple[str, bytes, bytes | None]]) -> None:
-        """A round's updates (value None: a delete) through one bpftool: one process per entry
-        falls behind a churning client on a small machine, and a late entry reads as stale."""
-        script = "".join(
-            f"map update pinned {self._path(name)} key hex {' '.join(hexwords(key))} "
-            f"value hex {' '.join(hexwords(value))}\n"
-            if value is not None
-            else f"map delete pinned {self._path(name)} key hex {' '.join(hexwords(key))}\n"
-            for name, key, value in updates
-        )
-        subprocess.run(["bpftool", "batch", "file", "-"], input=script.encode(), check=True,
-                       capture_output=True)  # fmt: skip
+        """A round's updates (value None: a delete), by the bpf syscall on the maps' fds: a
+        process per round (bpftool) fell behind a churning client on a busy machine, and a late
+        entry reads as stale."""
+        libc = ctypes.CDLL(None, use_errno=True)
+        for name, key, value in updates:
+            fd = self.fds[list(NAMES).index(name)]
+            key_buf = ctypes.create_string_buffer(key, len(key))
+            if value is None:
+                attr = struct.pack("<IIQ", fd, 0, ctypes.addressof(key_buf)).ljust(64, b"\0")
+                command = BPF_MAP_DELETE_ELEM
+            else:
+                value_buf = ctypes.create_string_buffer(value, len(value))
+                attr = struct.pack(
+                    "<IIQQQ", fd, 0, ctypes.addressof(key_buf), ctypes.addressof(value_buf), 0
+                ).ljust(64, b"\0")
+                command = BPF_MAP_UPDATE_ELEM
+            buf = ctypes.create_string_buffer(attr, len(attr))
+            if libc.syscall(NR_BPF[platform.machine()], command, buf, len(attr)) < 0:
+                err = ctypes.get_errno()
+                if not (value is None and err == errno.ENOENT):
+                    raise OSError(err, f"bpf map update {name}")
 
     def _fill(self) -> None:
-        while not self._stop.wait(0.005):
+        while not self._stop.wait(0.002):
             updates: list[tuple[str, bytes, bytes | None]] = []
             for log in sorted(self.watch.glob("**/conns-*.jsonl")):
                 with log.open() as handle:
