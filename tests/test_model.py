@@ -266,14 +266,14 @@ def test_python_processes_at_the_same_addresses_take_each_others_openssl_entries
     logs (their SSL* addresses) agree on both."""
     stale = {}
     for key in ("pointer", "pid-pointer"):
-        # 40 requests 20 ms apart: the three clients' traffic overlaps (at full speed, one
-        # client may be done before the next has started).
+        # 100 requests 20 ms apart, 2 s a client: the three clients' traffic overlaps even on a
+        # busy machine (at full speed, one client may be done before the next has started).
         code, report, err = scenario_run(
-            tmp_path, "openssl-reuse", key, "--count", "40", "--interval", "20ms"
+            tmp_path, "openssl-reuse", key, "--count", "100", "--interval", "20ms"
         )
         model = report["model"]
         assert model["library"] == "openssl" and model["agree"], model.get("finding")
-        assert model["requests"]["judged"] == 120  # three clients, 40 requests each
+        assert model["requests"]["judged"] == 300  # three clients, 100 requests each
         stale[key] = model["stale_observed"]["count"]
         assert model["cross_process_collisions"]["count"] == stale[key]
         assert code == (1 if stale[key] else 0), err
