@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from labrun import free_port, needs_tracer, only_run_dir, run_usmlab
+from labrun import free_port, needs_tracer, only_run_dir, read_jsonl, run_usmlab
 
 from usmlab.analysis.model import (
     Tuple4,
@@ -232,13 +232,35 @@ def test_churn_as_it_reproduced_in_the_field_is_judged_by_the_model(tmp_path: Pa
 
 @needs_tracer
 def test_identical_processes_side_by_side_are_judged_across_processes(tmp_path: Path) -> None:
-    """cross-process: three identical Go clients; a key without the pid may meet another
-    process's entry. Whatever the count, the model and the prediction (all clients' logs)
-    agree, and every stale answer's owner is named."""
-    code, report, err = scenario_run(tmp_path, "cross-process", "pointer", "--count", "60")
+    """cross-process: three identical Go clients and a Python one, all killed and restarted
+    with new PIDs mid-traffic; a key without the pid may meet another process's entry (a live
+    one, or a killed one's). Whatever the count, the model and the prediction (all clients'
+    logs) agree, and every stale answer's owner is named."""
+    code, report, err = scenario_run(
+        tmp_path, "cross-process", "pointer", "--count", "150", "--interval", "5ms",
+        "--restart-after", "0.4s",
+    )  # fmt: skip
+    run_dir = only_run_dir(tmp_path / "pointer")
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    names = [p["name"] for p in manifest["processes"] if p.get("role") == "client"]
+    assert {"client-1", "client-py-1", "client-1-r1", "client-py-1-r1"} <= set(names)
     model = report["model"]
     assert model["agree"], model.get("finding")
-    assert model["requests"]["judged"] == 180  # three clients, 60 requests each
+    go_requests = [
+        r for name in names
+        if not name.startswith("client-py") and (run_dir / f"{name}.jsonl").exists()
+        for r in read_jsonl(run_dir / f"{name}.jsonl")
+        if r.get("local_port") is not None
+    ]  # fmt: skip
+    assert model["requests"]["judged"] + model["requests"]["not_seen"] == len(go_requests)
+    assert model["requests"]["judged"] > 300  # before and after the restart
+    python = [
+        r for name in names
+        if name.startswith("client-py") and (run_dir / f"{name}.jsonl").exists()
+        for r in read_jsonl(run_dir / f"{name}.jsonl")
+    ]  # fmt: skip
+    assert python and all(r["status"] == 200 for r in python if r["error"] is None)
+    assert report["tuples"]["requests_seen"] > 0  # the Python client's own connections
     collisions = model["cross_process_collisions"]["count"]
     assert collisions <= model["stale_observed"]["count"]
     assert code in (0, 1), err

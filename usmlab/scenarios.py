@@ -113,6 +113,7 @@ class Params:
     server: str = "python"  # the server workload: server.py, or the Go server (kit/go_server)
     servers: tuple[int, ...] = ()  # ports; empty: the URL's port
     clients: int = 1  # client processes, each with its own paths
+    python_clients: int = 0  # Go runs: Python client processes beside the Go ones
     transport_per_request: bool = False  # Go: a new http.Transport per request
     skip_close: float = 0.0  # Go: share of response bodies left unclosed
     gc_every: int = 0  # Go: runtime.GC() every N requests
@@ -153,6 +154,11 @@ class Params:
             raise UsageError("servers must be distinct TCP ports, e.g. 8443,9443")
         if self.clients < 1:
             raise UsageError(f"clients must be at least 1, got {self.clients}")
+        if self.python_clients < 0:
+            raise UsageError(f"python-clients must not be negative, got {self.python_clients}")
+        if self.python_clients and self.client != "go":
+            raise UsageError("--python-clients: beside Go clients only (--client go); "
+                             "for more Python clients use --clients")  # fmt: skip
         if not 0 <= self.skip_close <= 1:
             raise UsageError(f"skip-close must be between 0 and 1, got {self.skip_close}")
         if self.gc_every < 0:
@@ -293,13 +299,22 @@ SCENARIOS: dict[str, Scenario] = {
             goal="Are one Go client's requests recorded against another process's connection?",
             description=(
                 "The production pattern: three identical Go churn clients side by side on one "
-                "node. Go heaps start at fixed addresses, so identical processes allocate their "
-                "tls.Conn (and netFD) at the same addresses; a cache key without the pid meets "
-                "another process's live entry. Run it with --tracer usm-model[:KEY]: "
-                "cross_process_collisions, per key."
+                "node, a Python client making its own TLS connections next to them, and every "
+                "client killed (no cleanup) and restarted with new PIDs mid-traffic. Go heaps "
+                "start at fixed addresses, so identical processes, and a restarted one, "
+                "allocate their tls.Conn (and netFD) at the same addresses; a cache key without "
+                "the pid meets another process's live entry, or a dead one's. Run it with "
+                "--tracer usm-model[:KEY]: cross_process_collisions, per key."
             ),
             params=dataclasses.replace(
-                CHURN, count=1000, concurrency=10, clients=3, paths=DEFAULT_PATHS
+                CHURN,
+                count=1000,
+                concurrency=10,
+                clients=3,
+                paths=DEFAULT_PATHS,
+                python_clients=1,
+                restart="client",
+                restart_after=1.5,
             ),
         ),
         Scenario(

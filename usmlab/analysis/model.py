@@ -378,6 +378,8 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
         for e in read_jsonl(run_dir / conn_log_name(p), missing_ok=True)
     ]
     openssl = settings.get("library") == "openssl"
+    if not openssl:  # the Go clients' requests (they log their tls.Conn); a Python neighbour's
+        requests = [r for r in requests if "tls_conn" in r]  # are not the model's to judge
     # Go: one Write may print twice (drop_repeats); an OpenSSL write is one call, one line.
     every_write, repeats = (trace.writes, 0) if openssl else drop_repeats(trace.writes)
     # The clients' writes: the prediction knows only what the clients logged. A Go server's

@@ -81,6 +81,9 @@ def test_cmd(
     clients: Annotated[
         int | None, typer.Option(help="Client processes, each with paths of its own.")
     ] = None,
+    python_clients: Annotated[
+        int | None, typer.Option(help="Go runs: Python client processes beside the Go ones.")
+    ] = None,
     transport_per_request: Annotated[
         bool | None, typer.Option(help="Go: a new http.Transport per request (churn).")
     ] = None,
@@ -142,6 +145,7 @@ def test_cmd(
         server=server,
         servers=None if servers is None else parse_ports(servers),
         clients=clients,
+        python_clients=python_clients,
         transport_per_request=transport_per_request,
         skip_close=skip_close,
         gc_every=gc_every,

@@ -6,6 +6,7 @@ the features' hooks (`features.py`). Why the orders are what they are: docs/arch
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import signal
 import time
@@ -17,6 +18,7 @@ from usmlab.run.cleanup import clean_target
 from usmlab.run.context import RunContext, Started, TargetFacts
 from usmlab.run.signals import held_signals
 from usmlab.run.trace_reader import TracePipeCapture
+from usmlab.scenarios import GO_ONLY, Params
 from usmlab.targets.base import BackgroundProcess
 from usmlab.tracers import TracerContext, make_tracer
 
@@ -304,6 +306,9 @@ def start_clients(ctx: RunContext, duration: float | None = None, suffix: str = 
     for index in range(ctx.params.clients):
         name = ("client" if ctx.params.clients == 1 else f"client-{index + 1}") + suffix
         ctx.clients.append(_start_client(ctx, name, index, duration))
+    for index in range(ctx.params.python_clients):
+        name = f"client-py-{index + 1}{suffix}"
+        ctx.clients.append(_start_python_neighbour(ctx, name, duration))
 
 
 def _start_client(
@@ -325,6 +330,26 @@ def _start_client(
         flags = feature.client_flags(ctx, name, flags)
     argv = ctx.with_env(name, "client", [*program, *flags])
     return ctx.start(argv, name=name, role="client")
+
+
+def _start_python_neighbour(
+    ctx: RunContext, name: str, duration: float | None
+) -> BackgroundProcess:
+    """A Python client beside Go ones (`--python-clients`): its own TLS connections through
+    libssl, a new one per request, to the same servers, with paths of its own."""
+    params = dataclasses.replace(ctx.params, client="python", connection="new", **{
+        f: getattr(Params, f) for f in GO_ONLY})  # fmt: skip
+    urls = [url_of(params.host, port) for port in ctx.server_ports]
+    for feature in ctx.features:
+        urls = feature.client_urls(ctx, urls)
+    base = name.split("-r")[0]  # a restarted one keeps its paths
+    paths = (f"/api/v1/namespaces/{base}/configmaps", f"/api/v1/namespaces/{base}/pods")
+    flags = params.client_args(urls, paths)
+    if duration is not None:
+        flags += ["--duration", f"{duration}"]
+    flags += ["--cacert", ctx.kit("ca.pem"), "--log", ctx.remote(f"{name}.jsonl")]
+    program = ctx.target.python(ctx.kit("client.py"))
+    return ctx.start(ctx.with_env(name, "client", [*program, *flags]), name=name, role="client")
 
 
 def lead_time(ctx: RunContext) -> None:
@@ -356,7 +381,8 @@ def traffic(ctx: RunContext) -> None:
             feature.tick(ctx, now - started)
         if now - last >= PROGRESS_EVERY:
             last = now
-            ctx.reporter.requests(_requests_done(ctx), params.count * params.clients or None)
+            total = params.count * (params.clients + params.python_clients)
+            ctx.reporter.requests(_requests_done(ctx), total or None)
     ctx.progress(f"client: finished (exit {', '.join(str(c) for c in codes)})")
     for client, code in zip(ctx.clients, codes, strict=True):
         if code == 2:  # the client's usage error: it sent nothing, say why
