@@ -159,6 +159,9 @@ class Params:
         if self.python_clients and self.client != "go":
             raise UsageError("--python-clients: beside Go clients only (--client go); "
                              "for more Python clients use --clients")  # fmt: skip
+        if self.python_clients and self.nat_vip is not None:
+            raise UsageError("--python-clients: not with a NAT'ed address (the Python clients "
+                             "verify the lab certificate, which does not name it)")  # fmt: skip
         if not 0 <= self.skip_close <= 1:
             raise UsageError(f"skip-close must be between 0 and 1, got {self.skip_close}")
         if self.gc_every < 0:

@@ -314,18 +314,12 @@ def start_clients(ctx: RunContext, duration: float | None = None, suffix: str = 
 def _start_client(
     ctx: RunContext, name: str, index: int, duration: float | None
 ) -> BackgroundProcess:
-    params = ctx.params
-    urls = [url_of(params.host, port) for port in ctx.server_ports]
-    paths = params.paths
+    paths = ctx.params.paths
     program = ctx.target.python(ctx.kit("client.py"))
     for feature in ctx.features:
-        urls = feature.client_urls(ctx, urls)
         paths = feature.client_paths(ctx, index, paths)
         program = feature.client_program(ctx, program)
-    flags = params.client_args(urls, paths)
-    if duration is not None:
-        flags += ["--duration", f"{duration}"]
-    flags += ["--cacert", ctx.kit("ca.pem"), "--log", ctx.remote(f"{name}.jsonl")]
+    flags = _client_flags(ctx, ctx.params, name, paths, duration)
     for feature in ctx.features:
         flags = feature.client_flags(ctx, name, flags)
     argv = ctx.with_env(name, "client", [*program, *flags])
@@ -336,20 +330,29 @@ def _start_python_neighbour(
     ctx: RunContext, name: str, duration: float | None
 ) -> BackgroundProcess:
     """A Python client beside Go ones (`--python-clients`): its own TLS connections through
-    libssl, a new one per request, to the same servers, with paths of its own."""
+    libssl, a new one per request, to the same servers, with paths of its own. The features
+    that shape the Go clients (program, flags, paths) are not its."""
     params = dataclasses.replace(ctx.params, client="python", connection="new", **{
         f: getattr(Params, f) for f in GO_ONLY})  # fmt: skip
+    base = name.split("-r")[0]  # a restarted one keeps its paths
+    paths = (f"/api/v1/namespaces/{base}/configmaps", f"/api/v1/namespaces/{base}/pods")
+    flags = _client_flags(ctx, params, name, paths, duration)
+    program = ctx.target.python(ctx.kit("client.py"))
+    return ctx.start(ctx.with_env(name, "client", [*program, *flags]), name=name, role="client")
+
+
+def _client_flags(
+    ctx: RunContext, params: Params, name: str, paths: tuple[str, ...], duration: float | None
+) -> list[str]:
+    """What every client is told: the servers (as the features route them), the traffic,
+    the CA and its log."""
     urls = [url_of(params.host, port) for port in ctx.server_ports]
     for feature in ctx.features:
         urls = feature.client_urls(ctx, urls)
-    base = name.split("-r")[0]  # a restarted one keeps its paths
-    paths = (f"/api/v1/namespaces/{base}/configmaps", f"/api/v1/namespaces/{base}/pods")
     flags = params.client_args(urls, paths)
     if duration is not None:
         flags += ["--duration", f"{duration}"]
-    flags += ["--cacert", ctx.kit("ca.pem"), "--log", ctx.remote(f"{name}.jsonl")]
-    program = ctx.target.python(ctx.kit("client.py"))
-    return ctx.start(ctx.with_env(name, "client", [*program, *flags]), name=name, role="client")
+    return [*flags, "--cacert", ctx.kit("ca.pem"), "--log", ctx.remote(f"{name}.jsonl")]
 
 
 def lead_time(ctx: RunContext) -> None:
