@@ -152,7 +152,8 @@ def read_model_trace(path: Path) -> ModelTrace:
 # -- the prediction from the client logs ---------------------------------------------------------
 
 
-def _key(kind: str, pid: int, conn: str, netfd: str) -> tuple[Any, ...]:
+def _key(kind: str, pid: int, conn: object, netfd: str) -> tuple[Any, ...]:
+    """A cache key of `kind`: the conn (*tls.Conn, or OpenSSL's SSL*), with the netFD or the pid."""
     if kind == "pointer":
         return (conn,)
     if kind == "pointer-fd":
@@ -246,8 +247,9 @@ def predict(
             else:
                 fd_entries[slot] = answer
         conn_cache[key] = answer
+    # The Go model gives every write a tuple: none goes without one.
     return {"stale": stale["conn"] + stale["fd"], **{f"stale_{k}": v for k, v in stale.items()},
-            "reused_addresses": reused}  # fmt: skip
+            "reused_addresses": reused, "missed": 0}  # fmt: skip
 
 
 def predict_openssl(
@@ -284,27 +286,25 @@ def predict_openssl(
             at = probe_times.write(request) or float(request["start_mono"])
             events.append((at, 1, request))
     events.sort(key=lambda e: (e[0], e[1]))
-    entries: dict[tuple[int, ...], list[Any]] = {}  # key -> [fd, resolved connection or None]
+    entries: dict[Any, list[Any]] = {}  # key -> [fd, resolved connection or None]
     open_at: dict[tuple[int, int], tuple[int, int, int]] = {}  # (pid, fd) -> its connection
     stale = cross = reused = missed = 0
     for _, is_write, item in events:
         pid = int(item["pid"])
         me = (pid, int(item["local_port"]), _server_port(item))
+        ssl = ssl_of.get((item.get("pid"), item.get("conn_id")))
+        key = None if ssl is None else _key(key_kind, pid, ssl, "")
         if not is_write:
             fd = int(item["fd"])
             if item["event"] == "close":
                 if open_at.get((pid, fd)) == me:
                     del open_at[(pid, fd)]
                 continue
-            key = (pid, int(str(item["ssl"]), 16)) if key_kind == "pid-pointer" else (
-                int(str(item["ssl"]), 16),)  # fmt: skip
             reused += key in entries
             entries[key] = [fd, None]
             open_at[(pid, fd)] = me
             continue
-        ssl = ssl_of.get((item.get("pid"), item.get("conn_id")))
-        entry = None if ssl is None else entries.get(
-            (pid, ssl) if key_kind == "pid-pointer" else (ssl,))  # fmt: skip
+        entry = None if key is None else entries.get(key)
         if entry is None:
             missed += 1
             continue
@@ -435,13 +435,13 @@ def model_section(run_dir: Path, manifest: Manifest) -> dict[str, Any] | None:
     section["agree"] = (
         predicted["stale"] == len(stale)
         and predicted["reused_addresses"] == reused
-        and predicted.get("missed", missed) == missed
+        and predicted["missed"] == missed
     )
     if not section["agree"]:
         section["finding"] = (
             f"the model printed {len(stale)} stale tuple(s), {reused} reused address(es) and "
             f"{missed} write(s) without a tuple; the client logs predict {predicted['stale']}, "
-            f"{predicted['reused_addresses']} and {predicted.get('missed', missed)}"
+            f"{predicted['reused_addresses']} and {predicted['missed']}"
         )
     return section
 
