@@ -467,7 +467,7 @@ def _build(
         with foreign_binaries(require_arch(arch)):
             _install_guest(rootfs, log, spec, mirror, phase)
     kernel, initrd = _copy_boot_files(rootfs, work)
-    phase.step(3, f"making the disk image ({IMAGE_SIZE_GB} GB ext4, qcow2)")
+    _build_step(phase, "disk image", f"making the disk image ({IMAGE_SIZE_GB} GB ext4, qcow2)")
     raw = work / "root.raw"
     size = f"{IMAGE_SIZE_GB}G"
     _run(
@@ -485,7 +485,7 @@ def _build(
         'Vagrant.configure("2") do |config|\n'
         '  config.vm.provider :libvirt do |lv|\n    lv.driver = "qemu"\n  end\nend\n'
     )
-    phase.step(4, "packing the box")
+    _build_step(phase, "packing the box", "packing the box")
     _run(
         ["tar", "-cf", BOX_FILE, "metadata.json", "Vagrantfile", "box.img"],
         log,
@@ -528,7 +528,11 @@ def _install_guest(
     arch = str(spec["arch"])
     packages = [str(p) for p in spec["packages"]]  # type: ignore[attr-defined]
     native = arch == host_debian_arch()
-    phase.step(1, f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 6} min)")
+    _build_step(
+        phase,
+        "debootstrap",
+        f"debootstrap {SUITE} {arch} from {mirror} (about {2 if native else 6} min)",
+    )
     # dpkg's fsync per file dominates the install on small machines; a throwaway build tree does
     # not need it. The setting is removed before the image is made.
     unsafe_io = rootfs / "etc/dpkg/dpkg.cfg.d/usmlab-build-unsafe-io"
@@ -549,8 +553,17 @@ def _install_guest(
         heard=phase.detail,  # "I: Unpacking libc6..." says how far it is
     )
     unsafe_io.unlink()
-    phase.step(2, "configuring the guest (vagrant user, sshd, networkd, small initrd)")
+    _build_step(
+        phase,
+        "configuring the guest",
+        "configuring the guest (vagrant user, sshd, networkd, small initrd)",
+    )
     _configure_guest(rootfs, spec["files"], log)  # type: ignore[arg-type]
+
+
+def _build_step(phase: Phase, name: str, note: str) -> None:
+    """Step `name` of BUILD_STEPS begins (its number is its place there)."""
+    phase.step(BUILD_STEPS.index(name) + 1, note)
 
 
 def _configure_guest(rootfs: Path, files: dict[str, tuple[str, int]], log: Path) -> None:
