@@ -184,6 +184,17 @@ def test_bad_model_specs_are_usage_errors(spec: str) -> None:
         parse_model_spec(spec)
 
 
+@pytest.mark.parametrize("spec", ["usm-model:pointer-fd", "usm-model:pointer:read-socket"])
+def test_a_go_only_model_spec_on_python_workloads_is_refused_before_any_deployment(
+    tmp_path: Path, spec: str
+) -> None:
+    done = run_usmlab("test", "openssl-reuse", "--target", "local", "--tracer", spec,
+                      "--runs-dir", str(tmp_path / "runs"))  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Go" in done.stderr
+    assert not (tmp_path / "runs").exists()
+
+
 def scenario_run(tmp_path: Path, scenario: str, key: str, *extra: str) -> tuple[int, dict, str]:
     done = run_usmlab(
         "test", scenario, "--target", "local", "--tracer", f"usm-model:{key}",

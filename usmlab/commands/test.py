@@ -129,7 +129,7 @@ def test_cmd(
     from usmlab.scenarios import get_scenario, parse_duration, parse_paths, parse_ports
     from usmlab.targets import check_target_spec
     from usmlab.targets.local import default_state_dir
-    from usmlab.tracers import check_tracer_name
+    from usmlab.tracers import check_tracer_fits, check_tracer_name
 
     chosen = get_scenario(scenario)
     check_tracer_name(tracer)
@@ -155,6 +155,7 @@ def test_cmd(
         restart_after=None if restart_after is None else parse_duration(restart_after, "delay"),
         preexisting=None if preexisting is None else parse_duration(preexisting, "lead time"),
     )
+    check_tracer_fits(tracer, params)
     specs = list(target or [])
     if hosts is not None:
         specs += read_hosts_file(hosts)

@@ -12,10 +12,13 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from usmlab.errors import UsageError, UsmlabError
 from usmlab.targets.base import BackgroundProcess, Target
+
+if TYPE_CHECKING:
+    from usmlab.scenarios import Params
 
 # Every tracer by its --tracer name: the class that starts it, or None when usmlab starts nothing
 # (system-probe already runs on the target and its stats are fetched; none: no eBPF).
@@ -43,6 +46,15 @@ def check_tracer_name(name: str) -> str:
     if name not in choices:
         raise UsageError(f"unknown tracer {name!r}: use {', '.join(choices)}")
     return name
+
+
+def check_tracer_fits(name: str, params: Params) -> None:
+    """A usage error, before anything is deployed, for a tracer the run's workloads cannot
+    have: a Go-only usm-model key when no Go program runs (the OpenSSL cache is modelled)."""
+    if name.startswith("usm-model") and params.client != "go" and params.server != "go":
+        from usmlab.tracers.usm_model import check_openssl_spec, parse_model_spec
+
+        check_openssl_spec(*parse_model_spec(name))
 
 
 def make_tracer(name: str) -> Tracer | None:

@@ -40,6 +40,17 @@ def parse_model_spec(spec: str) -> tuple[str, bool]:
     return key, not extra
 
 
+def check_openssl_spec(key: str, fd_cache: bool) -> None:
+    """A usm-model spec for a run with no Go program (the OpenSSL cache is modelled)."""
+    if key not in OPENSSL_KEYS:
+        raise UsageError(
+            f"usm-model:{key} is a Go-TLS key; USM's OpenSSL cache is keyed by "
+            f"{' or '.join(OPENSSL_KEYS)} (or run the Go client, --client go)"
+        )
+    if not fd_cache:
+        raise UsageError(f"usm-model:...:{READ_SOCKET} is for Go's (pid, fd) cache")
+
+
 class UsmModelTracer(BuiltinTracer):
     name = "usm-model"
 
@@ -65,13 +76,7 @@ class UsmModelTracer(BuiltinTracer):
 
     def openssl_probes(self, ctx: TracerContext, functions: dict[str, list[str]]) -> str:
         """No Go program in the run: model USM's OpenSSL cache on the libssl the clients use."""
-        if self.key not in OPENSSL_KEYS:
-            raise UsageError(
-                f"usm-model:{self.key} is a Go-TLS key; USM's OpenSSL cache is keyed by "
-                f"{' or '.join(OPENSSL_KEYS)} (or run the Go client, --client go)"
-            )
-        if not self.fd_cache:
-            raise UsageError(f"usm-model:...:{READ_SOCKET} is for Go's (pid, fd) cache")
+        check_openssl_spec(self.key, self.fd_cache)
         usable = {lib: names for lib, names in functions.items() if SET_FD in names}
         if not usable:
             raise UsmlabError(
