@@ -64,6 +64,48 @@ def test_the_reader_finds_maps_by_name_and_sizes_not_by_name_alone(tmp_path: Pat
         subprocess.run(["umount", str(bpffs)], check=False)
 
 
+@needs_bpftool
+def test_the_dumper_takes_in_maps_created_after_the_first_it_found(tmp_path: Path) -> None:
+    """A tracer creates its maps one after another: the dumper, started on the first, dumps
+    the later ones too (it dumped only the first under load, and judged nothing else)."""
+    import signal
+    import sys
+    import time
+
+    bpffs = tmp_path / "bpffs"
+    bpffs.mkdir()
+    subprocess.run(["mount", "-t", "bpf", "bpf", str(bpffs)], check=True)
+    dumper = None
+
+    def create(name: str, key: int, value: int) -> None:
+        subprocess.run(
+            ["bpftool", "map", "create", str(bpffs / name), "type", "hash", "key", str(key),
+             "value", str(value), "entries", "16", "name", name],
+            check=True,
+        )  # fmt: skip
+
+    try:
+        create("tuple_by_pid_fd", 8, 48)
+        out = tmp_path / "dumps.jsonl"
+        dumper = subprocess.Popen(
+            [sys.executable, usm_maps.__file__, "dump", "--out", str(out), "--every", "50"],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        time.sleep(1.5)
+        create("pid_fd_by_tuple", 48, 8)
+        time.sleep(2.5)
+        dumper.send_signal(signal.SIGTERM)
+        said, _ = dumper.communicate(timeout=10)
+        roles = {json.loads(line)["map"] for line in out.read_text().splitlines()}
+        assert roles == {"tuple_by_pid_fd", "pid_fd_by_tuple"}, said
+        assert "dumping pid_fd_by_tuple too" in said
+    finally:
+        if dumper is not None and dumper.poll() is None:
+            dumper.kill()
+            dumper.wait()
+        subprocess.run(["umount", str(bpffs)], check=False)
+
+
 @needs_tracer
 @needs_bpftool
 def test_planted_stale_tuples_in_usm_maps_are_exactly_the_misattributed_requests(

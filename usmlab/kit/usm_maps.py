@@ -145,6 +145,21 @@ def dump_round(maps, out):
     out.flush()
 
 
+LOOK_AGAIN_S = 10.0  # after the first map is found, how long others are looked for
+
+
+def joined(maps, pids):
+    """Maps of roles not yet dumped that exist now (said when they join)."""
+    have = {m["role"] for m in maps}
+    try:
+        new = [m for m in find(pids) if m["role"] not in have]
+    except (OSError, ValueError):
+        return []
+    for role in sorted({m["role"] for m in new}):
+        print("dumping %s too" % role, flush=True)
+    return new
+
+
 def main(argv):
     parser = labkit.OneLineArgumentParser(prog="usm_maps.py")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -180,9 +195,17 @@ def main(argv):
         return EXIT_NONE_FOUND
     print("dumping %s every %d ms" % (", ".join(m["role"] for m in maps), args.every), flush=True)
     rounds = 0
+    # A tracer creates its maps one after another: the others may come after the first was
+    # found. Look again once a second, for a while, until every role is there.
+    look_until = time.monotonic() + LOOK_AGAIN_S
+    next_look = time.monotonic() + 1.0
     with open(args.out, "a") as out:
         while not STOP.set:
             started = time.monotonic()
+            missing = set(MAPS) - {m["role"] for m in maps}
+            if missing and next_look <= started < look_until:
+                next_look = started + 1.0
+                maps = maps + joined(maps, pids)
             try:
                 dump_round(maps, out)
                 rounds += 1
