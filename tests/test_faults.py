@@ -33,6 +33,7 @@ from usmlab.errors import EXIT_FAILED
 from usmlab.kit.client import Sample
 from usmlab.run import stages
 from usmlab.run.pipeline import PREPARE, STAGES, START_ORDERS, TEARDOWN_NOTICE, LabRun, RunResult
+from usmlab.run.signals import interrupt
 from usmlab.scenarios import get_scenario
 from usmlab.targets.base import BackgroundProcess, Target
 from usmlab.targets.local import LocalTarget
@@ -181,7 +182,10 @@ def test_a_signal_during_teardown_is_answered_and_teardown_finishes(tmp_path) ->
     assert not target.live  # every process was still stopped
 
 
-@pytest.mark.parametrize("delay", [0.1, 0.2, 0.3, 0.5])
+# Every 20 ms from 0.1 s to 0.58 s: the CLI loading, then the command importing the run's modules
+# lazily; a Ctrl-C that landed inside an import once went unanswered (1 in 80), ended by SIGINT
+# instead of 130 (1 in 40) or became an internal error (1 in 100).
+@pytest.mark.parametrize("delay", [round(0.1 + 0.02 * i, 2) for i in range(25)])
 def test_ctrl_c_while_usmlab_is_loading_is_one_line(tmp_path, delay) -> None:
     proc = subprocess.Popen(
         usmlab_argv("test", "scenario1", "--target", "local", "--tracer", "none",
@@ -193,7 +197,34 @@ def test_ctrl_c_while_usmlab_is_loading_is_one_line(tmp_path, delay) -> None:
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
+    assert "internal error" not in err
     assert "interrupted" in err
+
+
+def test_a_signal_inside_an_import_is_answered_after_it(tmp_path, monkeypatch) -> None:
+    """The module is imported whole, and the KeyboardInterrupt comes right after the import."""
+    (tmp_path / "signalled_module.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)  # the handler runs here, inside the import\n"
+        "WHOLE = True\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    previous = signal.signal(signal.SIGINT, interrupt)
+    landed = "inside the import"
+    try:
+        import signalled_module
+
+        landed = "after the import"
+        time.sleep(5)
+        landed = "nowhere"
+    except KeyboardInterrupt:
+        pass
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        sys.modules.pop("signalled_module", None)
+    assert landed == "after the import"
+    assert signalled_module.WHOLE
 
 
 def test_a_killed_usmlab_leaves_a_run_that_cleanup_ends_and_marks(tmp_path) -> None:

@@ -22,6 +22,7 @@ import typer
 
 from usmlab.errors import EXIT_FAILED, UsmlabError
 from usmlab.progress import SILENCE, Phase, Progress, Reporter
+from usmlab.run.signals import interrupt
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,7 +40,7 @@ def friendly(func: F) -> F:
         # Inside the command Ctrl-C is a KeyboardInterrupt the command may handle (a run stops
         # its processes); around it, whatever the entry point installed (usmlab/__main__.py).
         main = threading.current_thread() is threading.main_thread()
-        previous = signal.signal(signal.SIGINT, signal.default_int_handler) if main else None
+        previous = signal.signal(signal.SIGINT, interrupt) if main else None
         try:
             return func(*args, **kwargs)
         except UsmlabError as exc:

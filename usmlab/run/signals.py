@@ -8,20 +8,46 @@
   finish, or processes and tracefs changes would be left behind.
 
 Signals reach the main thread only; elsewhere (a fleet's worker threads) these do nothing.
+
+A KeyboardInterrupt is never raised inside an import (commands and stages import lazily): there
+CPython prints and ignores it (importlib's lock callbacks), turns it into a RuntimeError (a
+descriptor's __set_name__), or marks it unhandled for good (a dataclass's generated __init__), so
+`interrupt` sends the signal again a moment later instead.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import threading
 from collections.abc import Callable, Iterator
+from types import FrameType
 
 _SIGNALS = (signal.SIGINT, signal.SIGTERM)
+RETRY_S = 0.05  # how soon a signal that arrived inside an import is sent again
 
 
 def _main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
+
+
+def _importing(frame: FrameType | None) -> bool:
+    while frame is not None:
+        if frame.f_code.co_filename.startswith("<frozen importlib"):
+            return True
+        frame = frame.f_back
+    return False
+
+
+def interrupt(signum: int, frame: FrameType | None) -> None:
+    """The handler that makes SIGINT/SIGTERM a KeyboardInterrupt, outside imports only."""
+    if _importing(frame):
+        retry = threading.Timer(RETRY_S, os.kill, (os.getpid(), signum))
+        retry.daemon = True
+        retry.start()
+        return
+    raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
@@ -31,10 +57,7 @@ def signals_as_interrupts() -> Iterator[None]:
         yield
         return
 
-    def _raise(signum: int, frame: object) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, _raise)
+    previous = signal.signal(signal.SIGTERM, interrupt)
     try:
         yield
     finally:
@@ -55,7 +78,7 @@ def held_signals() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if caught:
-        raise KeyboardInterrupt
+        interrupt(caught[0], None)
 
 
 @contextlib.contextmanager
