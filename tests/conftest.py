@@ -8,6 +8,22 @@ import pytest
 from sshd import SshdFactory, SshdUnavailable, SshServer
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _own_state_dir(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """usmlab's default state (work dir, certificates) lives in the session's temporary folder:
+    the suite never writes the user's ~/.local/state/usmlab, and a lab the user runs beside it
+    never has its kit's CA replaced by a test's."""
+    import os
+
+    saved = os.environ.get("XDG_STATE_HOME")
+    os.environ["XDG_STATE_HOME"] = str(tmp_path_factory.mktemp("xdg-state"))
+    yield
+    if saved is None:
+        os.environ.pop("XDG_STATE_HOME", None)
+    else:
+        os.environ["XDG_STATE_HOME"] = saved
+
+
 @pytest.fixture(autouse=True)
 def _html_writers_done(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A run's report.html is written by a detached process after it returns; a test's runs'

@@ -201,6 +201,17 @@ def test_ctrl_c_while_usmlab_is_loading_is_one_line(tmp_path, delay) -> None:
     assert "interrupted" in err
 
 
+def test_a_reader_that_goes_away_ends_usmlab_quietly() -> None:
+    """`usmlab scenarios | true`: no traceback, no internal error, the pipeline status 141."""
+    read, write = os.pipe()
+    os.close(read)  # the reader is gone before usmlab writes its first line
+    proc = subprocess.run(usmlab_argv("scenarios", "--json"), stdout=write, stderr=subprocess.PIPE,
+                          text=True, timeout=60)  # fmt: skip
+    os.close(write)
+    assert proc.returncode == 141, proc.stderr
+    assert proc.stderr == ""
+
+
 def test_a_signal_inside_an_import_is_answered_after_it(tmp_path, monkeypatch) -> None:
     """The module is imported whole, and the KeyboardInterrupt comes right after the import."""
     (tmp_path / "signalled_module.py").write_text(

@@ -3,6 +3,7 @@ the page shows the verdict, the timeline plot is drawn, and a screenshot is not 
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
@@ -97,3 +98,26 @@ def test_open_writes_the_page_when_it_is_missing_and_prints_its_path(tmp_path) -
     assert (run_dir / "report.html").read_text().startswith("<!DOCTYPE html>")
     nothing = CliRunner().invoke(app, ["open", str(tmp_path / "nope")])
     assert nothing.exit_code == 2
+
+
+def test_open_without_a_run_shows_the_newest_judged_run_in_runs(tmp_path, monkeypatch) -> None:
+    """Right after `usmlab test`, `usmlab open` shows that run (a later unjudged one is skipped)."""
+    runs = tmp_path / "runs"
+    for name, started, make in (
+        ("older", "2026-11-30T10:00:00Z", misattribution),
+        ("newest", "2026-11-30T11:00:00Z", capture_works),
+        ("unjudged", "2026-11-30T12:00:00Z", None),
+    ):
+        run_dir = runs / name
+        (tmp_path / name).mkdir()
+        if make:
+            shutil.move(make(tmp_path / name), run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        manifest = json.loads((run_dir / "manifest.json").read_text()) if make else {}
+        (run_dir / "manifest.json").write_text(json.dumps({**manifest, "started": started}))
+    monkeypatch.chdir(tmp_path)
+    result = CliRunner().invoke(app, ["open", "--no-browser"])
+    assert result.exit_code == 0, result.output
+    assert result.output.strip() == str((runs / "newest" / "report.html").resolve())
+    empty = CliRunner().invoke(app, ["open", str(runs / "unjudged")])
+    assert empty.exit_code == 2

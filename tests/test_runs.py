@@ -15,15 +15,17 @@ from usmlab.cli import app
 
 def recorded_run(
     root: Path, name: str, *, scenario: str = "churn", tracer: str = "builtin", sent: int,
-    misattributed: int, missed: int = 0, key: str | None = None,
+    misattributed: int, missed: int = 0, key: str | None = None, status: str = "complete",
+    outcome: str | None = None,
 ) -> Path:  # fmt: skip
     run = root / name
     run.mkdir(parents=True)
     manifest = {"run_id": name, "started": f"2026-11-30T{name}", "scenario": scenario,
-                "target": {"label": "local"}, "tracer": tracer, "status": "complete"}  # fmt: skip
+                "target": {"label": "local"}, "tracer": tracer, "status": status}  # fmt: skip
     requests = {"sent": sent, "misattributed": misattributed, "missed": missed}
-    report = {"outcome": "misattribution" if misattributed else "capture-works",
-              "requests": requests, "model": {"key": key} if key else None}  # fmt: skip
+    outcome = outcome or ("misattribution" if misattributed else "capture-works")
+    report = {"outcome": outcome, "requests": requests,
+              "model": {"key": key} if key else None}  # fmt: skip
     (run / "manifest.json").write_text(json.dumps(manifest))
     (run / "report.json").write_text(json.dumps(report))
     return run
@@ -67,6 +69,27 @@ def test_summary_pools_counts_with_their_intervals_per_group(tmp_path: Path) -> 
     assert "23 of 2,776" in table
     text = page.read_text()
     assert "<svg" in text and "pointer-fd" in text and "0 of 163,000: &lt; 1.8e-5" in text
+
+
+def test_summary_leaves_out_runs_that_measured_nothing_and_says_so(tmp_path: Path) -> None:
+    """A failed run's "misattributed" (someone else's traffic its tracer saw while none of its
+    own requests got through) must not move the pooled rate; nor an untraced or blind run's."""
+    recorded_run(tmp_path, "a", sent=100, misattributed=0)
+    recorded_run(tmp_path, "b", sent=20, misattributed=3, status="failed")
+    recorded_run(tmp_path, "c", sent=50, misattributed=0, status="interrupted")
+    recorded_run(tmp_path, "d", sent=40, misattributed=0, tracer="none", outcome="untraced")
+    recorded_run(tmp_path, "e", sent=30, misattributed=0, missed=30, outcome="no-captures")
+    result = CliRunner().invoke(app, ["summary", str(tmp_path), "--json"])
+    assert result.exit_code == 0, result.output
+    (group,) = json.loads(result.output)
+    assert (group["runs"], group["sent"], group["misattributed"]["count"]) == (1, 100, 0)
+    assert group["left_out"] == {"failed": 1, "interrupted": 1, "no-captures": 1, "untraced": 1}
+    table = CliRunner().invoke(app, ["summary", str(tmp_path)]).output
+    assert "(1 failed, 1 interrupted, 1 no-captures, 1 untraced)" in table
+    only_failed = CliRunner().invoke(
+        app, ["compare", str(tmp_path / "a"), "--", str(tmp_path / "b")]
+    )
+    assert only_failed.exit_code == 2 and "no complete traced run" in only_failed.output
 
 
 def test_compare_tells_before_from_after_a_fix(tmp_path: Path) -> None:

@@ -12,6 +12,7 @@ EXIT_USAGE = 2
 EXIT_NO_CAPTURES = 3
 EXIT_FAILED = 4
 EXIT_INTERRUPTED = 130
+EXIT_READER_GONE = 141  # stdout was a pipe whose reader went away (`usmlab runs | head`)
 
 
 class UsmlabError(Exception):

@@ -24,6 +24,7 @@ MISATTRIBUTED_KEYS = (
     "misattributed", "misattributed_tuple", "misattributed_model", "misattributed_usm_maps",
 )  # fmt: skip
 GROUPINGS = ("scenario", "tracer", "target", "key")
+JUDGED_OUTCOMES = ("capture-works", "misattribution")  # verdicts a pooled rate may count
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,12 @@ class RunRow:
         return str(getattr(self, by))
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A section of a manifest or report, or {} when it is missing or not an object (an older
+    or hand-edited file): one odd run makes a `?` in its line, not a failed listing."""
+    return value if isinstance(value, dict) else {}
+
+
 def read_run(run_dir: Path) -> RunRow:
     """One run folder's line; InputError when it is no run folder."""
     manifest = Manifest.read(run_dir)
@@ -53,14 +60,17 @@ def read_run(run_dir: Path) -> RunRow:
             report = json.loads((run_dir / "report.json").read_text())
         except (OSError, ValueError):
             raise InputError(f"{run_dir / 'report.json'}: not valid JSON") from None
-    requests = report.get("requests") or {}
-    target = manifest.get("target") or {}
-    model = report.get("model") or manifest.get("model") or {}
+    if not isinstance(report, dict):
+        raise InputError(f"{run_dir / 'report.json'}: expected a JSON object")
+    requests = _object(report.get("requests"))
+    target = manifest.get("target")
+    model = _object(report.get("model")) or _object(manifest.get("model"))
+    label = target if isinstance(target, str) else _object(target).get("label")
     return RunRow(
         run_dir=str(run_dir),
         started=str(manifest.get("started") or ""),
         scenario=str(manifest.get("scenario") or "?"),
-        target=str(target.get("label") or target.get("spec") or "?"),
+        target=str(label or _object(target).get("spec") or "?"),
         tracer=str(manifest.get("tracer") or "?"),
         key=str(model.get("key") or "-"),
         status=str(manifest.get("status") or "?"),
@@ -110,25 +120,51 @@ def summarize(rows: list[RunRow], by: str | None) -> list[dict[str, Any]]:
     return [pool(name, members) for name, members in groups.items()]
 
 
+def left_out_because(row: RunRow) -> str | None:
+    """Why a run's counts must not enter a pooled rate, or None when they may.
+
+    Only a complete run with a traced verdict measured what its counts claim: a failed run's
+    requests may never have reached the server (and what its tracer saw was someone else's), an
+    interrupted one stopped part-way, an untraced one cannot misattribute, a no-captures one saw
+    nothing. Pooling them would move the rate without a measurement behind it.
+    """
+    if row.status != "complete":
+        return row.status
+    if row.outcome not in JUDGED_OUTCOMES:
+        return row.outcome
+    return None
+
+
 def pool(name: str, members: list[RunRow]) -> dict[str, Any]:
-    sent = sum(r.sent for r in members)
-    wrong = sum(r.misattributed for r in members)
-    missed = sum(r.missed for r in members)
+    counted = [r for r in members if left_out_because(r) is None]
+    left_out: dict[str, int] = {}
+    for row in members:
+        reason = left_out_because(row)
+        if reason is not None:
+            left_out[reason] = left_out.get(reason, 0) + 1
+    sent = sum(r.sent for r in counted)
+    wrong = sum(r.misattributed for r in counted)
+    missed = sum(r.missed for r in counted)
     return {
         "group": name,
-        "runs": len(members),
+        "runs": len(counted),
+        "left_out": dict(sorted(left_out.items())),
         "sent": sent,
         "misattributed": rate(wrong, sent),
         "missed": rate(missed, sent),
     }
 
 
+def left_out_text(group: dict[str, Any]) -> str:
+    return ", ".join(f"{n} {why}" for why, n in group["left_out"].items()) or "-"
+
+
 def summary_table(groups: list[dict[str, Any]]) -> str:
-    lines = [f"{'group':<24} {'runs':>5} {'sent':>9}  misattributed / missed"]
+    lines = [f"{'group':<24} {'runs':>5} {'sent':>9}  misattributed / missed  (left out)"]
     for g in groups:
         lines.append(
             f"{g['group']:<24} {g['runs']:>5} {g['sent']:>9}  {g['misattributed']['text']} / "
-            f"{g['missed']['text']}"
+            f"{g['missed']['text']}  ({left_out_text(g)})"
         )
     return "\n".join(lines)
 
@@ -140,6 +176,12 @@ def compare(a: list[RunRow], b: list[RunRow]) -> dict[str, Any]:
     if not a or not b:
         raise UsageError("compare needs runs on both sides: A... -- B...")
     left, right = pool("A", a), pool("B", b)
+    for side in (left, right):
+        if not side["runs"]:
+            raise UsageError(
+                f"compare: group {side['group']} has no complete traced run to count "
+                f"(left out: {left_out_text(side)})"
+            )
     table = [
         [left["misattributed"]["count"], left["sent"] - left["misattributed"]["count"]],
         [right["misattributed"]["count"], right["sent"] - right["misattributed"]["count"]],
@@ -153,8 +195,10 @@ def compare_text(result: dict[str, Any]) -> str:
     a, b = result["a"], result["b"]
     verdict = "they differ" if result["differ"] else "no significant difference"
     return (
-        f"A ({a['runs']} runs): misattributed {a['misattributed']['text']}\n"
-        f"B ({b['runs']} runs): misattributed {b['misattributed']['text']}\n"
+        f"A ({a['runs']} runs; left out: {left_out_text(a)}): misattributed "
+        f"{a['misattributed']['text']}\n"
+        f"B ({b['runs']} runs; left out: {left_out_text(b)}): misattributed "
+        f"{b['misattributed']['text']}\n"
         f"{result['test']}: p = {result['p_value']:.3g}: {verdict} (at 0.05)"
     )
 

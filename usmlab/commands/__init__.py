@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from usmlab.errors import EXIT_FAILED, UsmlabError
+from usmlab.errors import EXIT_FAILED, EXIT_READER_GONE, UsmlabError
 from usmlab.progress import SILENCE, Phase, Progress, Reporter
 from usmlab.run.signals import interrupt
 
@@ -30,6 +30,18 @@ F = TypeVar("F", bound=Callable[..., Any])
 def say(message: str) -> None:
     """Progress goes to stderr so stdout stays the result (run folder, verdict)."""
     print(message, file=sys.stderr, flush=True)
+
+
+def _reader_gone(stream: Any) -> bool:
+    """Whether `stream` is a pipe whose reading end is closed (poll reports an error on it)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(stream.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def friendly(func: F) -> F:
@@ -51,6 +63,13 @@ def friendly(func: F) -> F:
             raise typer.Exit(130) from None
         except (typer.Exit, typer.Abort):
             raise
+        except BrokenPipeError:
+            if not _reader_gone(sys.stdout):
+                raise
+            # `usmlab runs | head`: the reader has what it wanted; end quietly, as a shell
+            # pipeline's writer does (128 + SIGPIPE), with nothing more written to the pipe.
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_READER_GONE) from None
         except Exception as exc:
             if os.environ.get("USMLAB_DEBUG"):
                 raise
