@@ -86,6 +86,10 @@ def test_summary_leaves_out_runs_that_measured_nothing_and_says_so(tmp_path: Pat
     assert group["left_out"] == {"failed": 1, "interrupted": 1, "no-captures": 1, "untraced": 1}
     table = CliRunner().invoke(app, ["summary", str(tmp_path)]).output
     assert "(1 failed, 1 interrupted, 1 no-captures, 1 untraced)" in table
+    listing = CliRunner().invoke(app, ["runs", str(tmp_path)]).output.splitlines()
+    assert [line.split()[4] for line in listing[1:]] == [
+        "capture-works", "failed", "interrupted", "untraced", "no-captures",
+    ]  # fmt: skip
     only_failed = CliRunner().invoke(
         app, ["compare", str(tmp_path / "a"), "--", str(tmp_path / "b")]
     )

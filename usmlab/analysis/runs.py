@@ -103,9 +103,11 @@ def runs_table(rows: list[RunRow]) -> str:
         f"{'sent':>8} {'misattr':>8} {'missed':>7}"
     ]
     for r in rows:
+        # A run that did not complete shows its status: its counts measured nothing.
+        outcome = r.outcome if r.status == "complete" else r.status
         lines.append(
             f"{r.started[:23]:<24} {r.scenario:<22} {r.target:<14} {r.tracer:<20} "
-            f"{r.outcome:<15} {r.sent:>8} {r.misattributed:>8} {r.missed:>7}"
+            f"{outcome:<15} {r.sent:>8} {r.misattributed:>8} {r.missed:>7}"
         )
     return "\n".join(lines)
 
