@@ -7,10 +7,17 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import pytest
 from labrun import free_port, run_usmlab
 from typer.testing import CliRunner
 
 from usmlab.cli import app
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`usmlab summary` writes summary.html in the working folder unless told otherwise."""
+    monkeypatch.chdir(tmp_path)
 
 
 def recorded_run(
@@ -53,7 +60,7 @@ def test_summary_pools_counts_with_their_intervals_per_group(tmp_path: Path) -> 
         app, ["summary", str(tmp_path), "--by", "key", "--json", "--html", str(page)]
     )
     assert result.exit_code == 0, result.output
-    groups = {g["group"]: g for g in json.loads(result.output)}
+    groups = {g["group"]: g for g in json.loads(result.stdout)}
     fixed = groups["pointer-fd"]
     assert (fixed["runs"], fixed["sent"]) == (2, 163_000)
     assert fixed["misattributed"]["text"] == "0 of 163,000: < 1.8e-5"
@@ -81,7 +88,7 @@ def test_summary_leaves_out_runs_that_measured_nothing_and_says_so(tmp_path: Pat
     recorded_run(tmp_path, "e", sent=30, misattributed=0, missed=30, outcome="no-captures")
     result = CliRunner().invoke(app, ["summary", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
-    (group,) = json.loads(result.output)
+    (group,) = json.loads(result.stdout)
     assert (group["runs"], group["sent"], group["misattributed"]["count"]) == (1, 100, 0)
     assert group["left_out"] == {"failed": 1, "interrupted": 1, "no-captures": 1, "untraced": 1}
     table = CliRunner().invoke(app, ["summary", str(tmp_path)]).output

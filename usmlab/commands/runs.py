@@ -9,7 +9,7 @@ from typing import Annotated
 import typer
 from typer.core import TyperCommand
 
-from usmlab.commands import JsonOption, friendly
+from usmlab.commands import JsonOption, friendly, say
 from usmlab.errors import UsageError
 
 
@@ -41,7 +41,7 @@ def summary_cmd(
     ] = None,
     as_json: JsonOption = False,
     html: Annotated[
-        Path | None, typer.Option(help="Also write the table and a plot of the rates here.")
+        Path, typer.Option(help="Also write the table and a plot of the rates here.")
     ] = Path("summary.html"),
 ) -> None:
     """Pooled counts and rates, with 95% intervals, over many runs (per group with --by)."""
@@ -50,8 +50,8 @@ def summary_cmd(
 
     groups = summarize(find_runs(runs), by)
     print(json.dumps(groups, indent=2) if as_json else summary_table(groups))
-    if html is not None:
-        html.write_text(summary_html(groups, f"by {by}" if by else "all runs"), encoding="utf-8")
+    html.write_text(summary_html(groups, f"by {by}" if by else "all runs"), encoding="utf-8")
+    say(f"summary page: {html}")
 
 
 @friendly
