@@ -19,8 +19,10 @@ import subprocess
 import sys
 
 if __package__:  # imported on the controller as usmlab.kit.cleanup
+    from .labkit import pid_alive
     from .lease import stop_groups
 else:  # run on the target, where labkit.py is deployed beside this script
+    from labkit import pid_alive
     from lease import stop_groups
 
 # Crash-like: SIGTERM, then SIGKILL.
@@ -56,16 +58,6 @@ def read_markers(work_dir):
             continue
         markers[name] = (pid, data.get("run_dir"), pid_alive(pid))
     return markers
-
-
-def pid_alive(pid):
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, owned by another user
-    return True
 
 
 def leftovers(dead_runs):

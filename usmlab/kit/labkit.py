@@ -10,6 +10,7 @@ input with the very rules the workloads apply. JSON lines are read by the contro
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -172,6 +173,17 @@ class StopFlag:
 
     def _on_signal(self, signum: int, frame: Any) -> None:
         self.set = True
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this PID exists (it may be another user's)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by another user
+    return True
 
 
 def one_line(exc: BaseException) -> str:

@@ -31,6 +31,11 @@ import subprocess
 import sys
 from typing import Any, Dict, List, NoReturn, Optional, Tuple
 
+if __package__:  # imported on the controller as usmlab.kit.nat
+    from .labkit import pid_alive
+else:  # run on the target, where labkit.py is deployed beside this script
+    from labkit import pid_alive
+
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_NO_TOOL = 3
@@ -129,16 +134,6 @@ def table_name(run_id: str) -> str:
 def comment_for(run_id: str, owner_pid: Optional[int]) -> str:
     text = "usmlab run={}".format(run_id)
     return text if owner_pid is None else "{} owner={}".format(text, owner_pid)
-
-
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        pass  # alive, another user's
-    return True
 
 
 def nft_works() -> bool:

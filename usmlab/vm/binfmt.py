@@ -20,7 +20,7 @@ from typing import Any
 
 from usmlab.arch import Arch
 from usmlab.errors import UsmlabError
-from usmlab.kit.cleanup import pid_alive
+from usmlab.kit.labkit import pid_alive
 
 BINFMT_DIR = Path("/proc/sys/fs/binfmt_misc")
 # Where Debian's qemu-user-static keeps its registrations (systemd binfmt.d format: one line,
