@@ -18,6 +18,16 @@ from usmlab.manifest import Manifest, now_iso
 from usmlab.progress import Progress, Reporter, as_reporter, discard
 from usmlab.run.cleanup import clean_target
 from usmlab.targets import open_target
+from usmlab.targets.base import Target
+
+
+def fetch_run_files(
+    target: Target, remote_dir: str, run_dir: Path, reporter: Reporter
+) -> list[str]:
+    """Every file of the remote run folder, verified, with a "collect" bar: the one way both a run
+    and `usmlab collect` bring a run home."""
+    with reporter.phase("collect") as phase:
+        return target.fetch_dir(remote_dir, run_dir, phase.files)
 
 
 @dataclass
@@ -45,8 +55,7 @@ def collect_run(
     key = identity or (Path(where["identity"]) if where.get("identity") else None)
     target = open_target(spec, key, work_dir or where.get("work_dir"))
     try:
-        with as_reporter(progress).phase("collect") as phase:
-            fetched = target.fetch_dir(remote_dir, run_dir.resolve(), phase.files)
+        fetched = fetch_run_files(target, remote_dir, run_dir.resolve(), as_reporter(progress))
         # A run cut off mid-way could not restore tracefs or end its processes itself.
         clean_target(target, run_id=manifest.get("run_id"))
     finally:

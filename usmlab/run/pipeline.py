@@ -29,6 +29,7 @@ from usmlab.manifest import Manifest, new_run_dir, now_iso, process_start
 from usmlab.progress import Progress, Reporter
 from usmlab.run import stages
 from usmlab.run.cleanup import clean_target
+from usmlab.run.collect import fetch_run_files
 from usmlab.run.context import RunContext
 from usmlab.run.features import features_for
 from usmlab.run.signals import signals_as_interrupts, signals_noted
@@ -232,8 +233,7 @@ class LabRun:
         """Bring every file of the remote run folder home, then record hashes."""
         ctx = self.ctx
         try:
-            with ctx.reporter.phase("collect") as phase:
-                ctx.target.fetch_dir(ctx.remote_dir, ctx.run_dir, phase.files)
+            fetch_run_files(ctx.target, ctx.remote_dir, ctx.run_dir, ctx.reporter)
         except Exception as exc:  # noqa: BLE001 - keep what is local; the manifest says why
             ctx.manifest["collect_error"] = str(exc)
         ctx.manifest.inventory()
