@@ -33,6 +33,7 @@ def judged(lab: Lab) -> Path:
 
 def capture_works(tmp_path: Path) -> Path:
     lab = Lab(tmp_path)
+    lab.manifest["parameters"] = {"url": "https://127.0.0.1:8443"}
     for seq in range(20):
         req = lab.request(seq)
         lab.serve(req)
@@ -84,6 +85,8 @@ def test_the_page_of_each_outcome_renders_with_its_timeline(tmp_path, make, outc
     assert not re.search(r"""(src|href)=["']?(https?:)?//""", dom)  # nothing loaded from anywhere
     if outcome == "misattribution":
         assert "kafka-admin" in dom  # the evidence of the misattributed request
+    if outcome == "capture-works":
+        assert "All of them to one server: https://127.0.0.1:8443." in dom  # which server
     shot = tmp_path / "page.png"
     browser(page, tmp_path, f"--screenshot={shot}", "--window-size=1200,900")
     pixels = matplotlib.image.imread(str(shot))
