@@ -93,6 +93,24 @@ def test_the_page_of_each_outcome_renders_with_its_timeline(tmp_path, make, outc
     assert pixels.shape[0] == 900 and pixels.std() > 0.05  # drawn, not blank
 
 
+def test_a_run_that_did_not_complete_says_so_before_its_counts(tmp_path) -> None:
+    """The page and the terminal lead with the failure; the counts follow, qualified."""
+    run_dir = misattribution(tmp_path)
+    manifest = json.loads((run_dir / "manifest.json").read_text())
+    manifest.update(status="failed", error="none of the 20 requests succeeded")
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    page = write_html(run_dir).read_text()
+    status = page.index('id="status">failed: none of the 20 requests succeeded')
+    assert status < page.index('class="verdict unfinished-counts" id="verdict"')
+    assert "only the requests made before it ended" in page
+    table = CliRunner().invoke(app, ["analyze", str(run_dir)]).stdout.splitlines()
+    assert table[0].split() == ["verdict", "misattribution", "(run", "failed:", "only", "the",
+                                "requests", "made", "before", "it", "ended)"]  # fmt: skip
+    manifest["status"] = "complete"
+    (run_dir / "manifest.json").write_text(json.dumps(manifest))
+    assert 'id="status"' not in write_html(run_dir).read_text()
+
+
 def test_open_writes_the_page_when_it_is_missing_and_prints_its_path(tmp_path) -> None:
     run_dir = misattribution(tmp_path)
     result = CliRunner().invoke(app, ["open", str(run_dir), "--no-browser"])

@@ -23,6 +23,7 @@ from typing import Any
 
 import jinja2
 
+from usmlab.analysis.report import status_note
 from usmlab.jsonlines import read_jsonl
 from usmlab.manifest import Manifest
 
@@ -132,6 +133,8 @@ def render_html(run_dir: Path) -> str:
         report=report, manifest=manifest, facts=facts, target=manifest.get("target") or {},
         timeline=timeline_svg(run_dir, manifest, report), colors=COLORS,
         parameters=manifest.get("parameters") or {},
+        status_note=status_note(manifest.get("status")).strip(" ()"),
+        run_error=manifest.get("error"),
     )  # fmt: skip
 
 

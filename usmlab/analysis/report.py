@@ -328,11 +328,21 @@ def _foreign_text(entry: dict[str, Any]) -> str:
     return f"{who} {entry.get('comm')!s} ({entry.get('captures')} captures)"
 
 
-def render_table(report: Report) -> str:
-    """A short plain-text summary for the terminal (at most ~15 lines)."""
+def status_note(status: str | None) -> str:
+    """What a run's status says of its counts, for the verdict line (report.html says the same):
+    a run that did not complete judged only the requests made before it ended, and its rates
+    are left out of `usmlab summary` (analysis/runs.py)."""
+    if status in (None, "complete"):
+        return ""
+    return f"  (run {status}: only the requests made before it ended)"
+
+
+def render_table(report: Report, status: str | None = None) -> str:
+    """A short plain-text summary for the terminal (at most ~15 lines); `status`: the run's,
+    when it did not complete."""
     r = report.requests
     lines = [
-        f"verdict          {report.outcome}",
+        f"verdict          {report.outcome}{status_note(status)}",
         f"requests sent    {r.get('sent', 0)}",
         f"  in client      {r.get('captured_client', 0)}",
         f"  in server      {r.get('captured_server', 0)}",

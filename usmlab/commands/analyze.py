@@ -39,6 +39,7 @@ def analyze_cmd(
         render_table,
         write_report,
     )
+    from usmlab.manifest import Manifest
 
     if (run_dir is None) == (trace is None):
         raise UsageError("give either a RUN_DIR or --trace FILE")
@@ -53,6 +54,7 @@ def analyze_cmd(
             raise UsageError(f"{run_dir} is not a run folder (no manifest.json)")
         report = analyze_run(run_dir)
         destination = out or run_dir
+        status = Manifest.read(run_dir).get("status")
     else:
         assert trace is not None
         for given in (trace, threads, client_log):
@@ -68,6 +70,7 @@ def analyze_cmd(
         roles = parse_role_pairs(pid or [])
         report = analyze_capture(trace, roles, threads, client_log)
         destination = out or trace.parent
+        status = None
     destination.mkdir(parents=True, exist_ok=True)
     write_report(report, destination)
     if run_dir is not None:
@@ -75,6 +78,6 @@ def analyze_cmd(
     if as_json:
         print((destination / "report.json").read_text(), end="")
     else:
-        print(render_table(report))
+        print(render_table(report, status))
         print(f"report: {destination / 'report.json'}")
     raise typer.Exit(exit_status(report))

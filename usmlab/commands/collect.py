@@ -23,5 +23,6 @@ def collect_cmd(
     collected = collect_run(run_dir, identity, progress=reporter)
     print(f"{run_dir}: fetched {len(collected.fetched)} file(s), all verified by sha256")
     if collected.report is not None:
-        print(render_table(collected.report))
+        status = collected.manifest.get("status")
+        print(render_table(collected.report, status))
         raise typer.Exit(exit_status(collected.report))

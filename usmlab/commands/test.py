@@ -254,7 +254,7 @@ def _test_one(
     print(result.run_dir)
     _junit(junit, [result])
     if result.report is not None:
-        print(render_table(result.report))
+        print(render_table(result.report, result.status))
     summary = result.manifest.get("client_summary") or {}
     if summary.get("sent"):
         jitter = summary.get("jitter_ms") or {}
