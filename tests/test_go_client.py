@@ -43,6 +43,7 @@ SERVER_PY = Path(__file__).resolve().parents[1] / "usmlab" / "kit" / "server.py"
 CLIENT_FIELDS = [
     "seq", "pid", "tid", "local_addr", "local_port", "remote", "method", "path", "status",
     "error", "scheduled_mono", "start_mono", "end_mono", "start_wall", "end_wall", "conn_id",
+    "wrote_request",
     # The Go client's own: the connection as USM's caches see it (docs/usm-model.md).
     "tls_conn", "net_fd", "fd",
 ]  # fmt: skip
@@ -198,6 +199,7 @@ def test_each_request_is_one_documented_line_matching_the_server(
     for seq, r in by_seq.items():
         assert r["pid"] == pid and isinstance(r["tid"], int) and r["tid"] > 0
         assert (r["status"], r["error"], r["method"]) == (200, None, "GET")
+        assert r["wrote_request"] is True
         assert r["path"] == DEFAULT_PATHS[seq % len(DEFAULT_PATHS)]
         assert r["remote"] == f"127.0.0.1:{server.port}"
         assert r["local_addr"] == "127.0.0.1" and 0 < r["local_port"] < 65536
@@ -267,6 +269,7 @@ def test_unreachable_server_is_recorded_as_errors_and_exit_1(
     assert len(records) == 2
     for r in records:
         assert r["status"] is None and "refused" in r["error"] and "\n" not in r["error"]
+        assert r["wrote_request"] is False
 
 
 def test_sigint_stops_scheduling_and_prints_the_summary(

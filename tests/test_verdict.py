@@ -188,6 +188,24 @@ def test_request_captured_only_in_a_third_process_is_misattributed(lab: Lab) -> 
     assert [f["pid"] for f in report.foreign] == [7777]
 
 
+@pytest.mark.parametrize("wrote", [False, True])
+def test_a_request_that_never_reached_tls_is_never_misattributed(lab: Lab, wrote: bool) -> None:
+    """Its handshake failed (`wrote_request` false): another process's capture of its path in
+    its window is that process's traffic. Had it written (true), the capture is its own, taken
+    elsewhere: misattributed."""
+    ok = lab.request(0)
+    lab.captured(ok)
+    failed = lab.request(1)
+    failed.update(status=None, error="SSLCertVerificationError: certificate verify failed",
+                  wrote_request=wrote)  # fmt: skip
+    lab.captured(failed, client=("kafka-admin", 7778, 7777), server=None)
+    report = analyze_run(lab.write())
+    assert report.requests["failed"] == 1 and report.requests["missed"] == 0
+    assert report.requests["misattributed"] == (1 if wrote else 0)
+    assert [f["pid"] for f in report.foreign] == [7777]  # listed either way
+    assert report.outcome == "misattribution"  # a foreign process sent a lab path
+
+
 def test_foreign_process_sending_lab_paths_is_listed(lab: Lab) -> None:
     req = lab.request(0)
     lab.captured(req)
@@ -601,6 +619,8 @@ def test_a_capture_on_another_connection_is_a_wrong_tuple(lab: Lab) -> None:
     for req in reqs:
         lab.serve(req)
         lab.captured(req)
+    # A fourth connected but failed its handshake: no write, so it is not "without a tuple".
+    lab.request(3).update(status=None, error="SSLError: handshake", wrote_request=False)
     lines = [
         tuple_line("write", r["start_mono"] + 0.001, CLIENT, CLIENT_TID, r["local_port"], 8443)
         for r in reqs[:2]

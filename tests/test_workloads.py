@@ -507,6 +507,7 @@ def test_cacert_verifies_the_server(server: RunningServer, deployed: Path, pki: 
     good = run_client(deployed, *common, "--cacert", str(pki.ca_cert), "--log", str(good_log))
     assert good.returncode == 0, good.stdout + good.stderr
     assert read_jsonl(good_log)[0]["status"] == 200
+    assert read_jsonl(good_log)[0]["wrote_request"] is True
 
     bad = run_client(deployed, *common, "--cacert", str(pki.other_ca_cert), "--log", str(bad_log))
     assert bad.returncode == 1
@@ -515,6 +516,7 @@ def test_cacert_verifies_the_server(server: RunningServer, deployed: Path, pki: 
     assert "CERTIFICATE_VERIFY_FAILED" in record["error"]
     assert "\n" not in record["error"]
     assert record["local_port"] is not None  # TCP connected; the handshake failed
+    assert record["wrote_request"] is False  # nothing of it could be captured
     assert "Traceback" not in bad.stderr
     assert len(server.records()) == 1  # only the verified client got to send its request
 

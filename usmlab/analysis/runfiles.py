@@ -54,6 +54,7 @@ def read_client_log(path: Path) -> list[Request]:
                     _port_of(get("remote")),
                     _int(get("status")),
                     str(error) if error else None,
+                    wrote=get("wrote_request") is not False,
                 )
             )
         except (KeyError, TypeError, ValueError):

@@ -77,7 +77,10 @@ def tuples_section(run_dir: Path, requests: list[Request]) -> dict[str, Any] | N
     # A process the tracer printed no tuple line for at all (the Go clients under usm-model,
     # whose model lines carry their tuples) has no request "without a tuple".
     printing = {pid for _, _, pid, _ in lines}
-    connected = sum(1 for r in requests if r.local_port is not None and r.pid in printing)
+    # Only a request handed to TLS can have a write (a failed handshake has a port, no write).
+    connected = sum(
+        1 for r in requests if r.wrote and r.local_port is not None and r.pid in printing
+    )
     return {
         "client_writes": writes,
         # Counts only: a default run should not pay for scipy's import (rates: analysis/rates.py).

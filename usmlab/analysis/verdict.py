@@ -103,6 +103,7 @@ class Request:
     server_pid: int | None = None
     server_tid: int | None = None
     server_port: int | None = None
+    wrote: bool = True  # its bytes reached TLS (client.jsonl `wrote_request`; older logs: true)
 
 
 @dataclass(slots=True)
@@ -378,6 +379,11 @@ class Correlator:
         requests = ctx.requests
         for idx in sorted(range(len(requests)), key=lambda i: requests[i].start):
             req = requests[idx]
+            if not req.wrote:
+                # It failed connecting or in the handshake: nothing of it could be captured,
+                # so no capture is matched to it (another process's capture of its path while
+                # it failed is that process's own traffic, not this request misattributed).
+                continue
             paths.setdefault(req.path, []).append(idx)
             if req.tid is not None:
                 threads.setdefault(("client", req.tid), []).append(idx)

@@ -587,6 +587,7 @@ class LabClient:
             "start_wall": time.time(),
             "end_wall": None,
             "conn_id": None,
+            "wrote_request": False,
         }
         with self._lock:
             self._in_flight[seq] = record
@@ -616,7 +617,7 @@ class LabClient:
             connection = self._connect(target, record)
         self._use(connection, record)
         try:
-            return self._send(connection, record["path"])
+            return self._send(connection, record)
         except STALE_CONNECTION_ERRORS:
             self._close(connection)
             if not reused:
@@ -627,7 +628,7 @@ class LabClient:
         # The server closed an idle keep-alive connection under us: one retry on a fresh one.
         connection = self._connect(target, record)
         try:
-            return self._send(connection, record["path"])
+            return self._send(connection, record)
         except BaseException:
             self._close(connection)
             raise
@@ -677,11 +678,13 @@ class LabClient:
         if self.conn_log is not None:
             self.conn_log.write({"event": kind, **event, "mono": time.monotonic()})
 
-    def _send(self, connection: Connection, path: str) -> Tuple[Optional[Connection], int]:
+    def _send(self, connection: Connection, record: Record) -> Tuple[Optional[Connection], int]:
         headers = {"User-Agent": USER_AGENT, "Accept": "application/json"}
         if not self.config.reuse:
             headers["Connection"] = "close"
-        connection.http.request("GET", path, headers=headers)
+        # Handed to TLS from here on: a probe on SSL_write sees the call even when it fails.
+        record["wrote_request"] = True
+        connection.http.request("GET", record["path"], headers=headers)
         response = connection.http.getresponse()
         response.read()
         status = int(response.status)

@@ -378,6 +378,9 @@ type record struct {
 	StartWall     float64  `json:"start_wall"`
 	EndWall       *float64 `json:"end_wall"`
 	ConnID        *string  `json:"conn_id"`
+	// The request was handed to TLS (GotConn: net/http writes it next); false when connecting
+	// or the handshake failed, so nothing of it could be captured.
+	WroteRequest bool `json:"wrote_request"`
 	// The connection as Go's runtime and the kernel know it (docs/formats.md): the *tls.Conn
 	// and *net.netFD addresses USM's caches are keyed by, and the socket's fd number.
 	TLSConn *string `json:"tls_conn,omitempty"`
@@ -891,6 +894,9 @@ func (c *client) request(seq int, due float64, tr *http.Transport) {
 		if tc := tlsConnOf(info.Conn); tc != nil {
 			ptr, netFD, fd = connIdentity(tc)
 		}
+		c.mu.Lock()
+		rec.WroteRequest = true
+		c.mu.Unlock()
 		if local, ok := info.Conn.LocalAddr().(*net.TCPAddr); ok {
 			c.mu.Lock()
 			c.setLocal(rec, local, info.Conn.RemoteAddr())
@@ -1010,6 +1016,9 @@ func (c *client) dropRequest(rec *record, t target, path string) (int, error) {
 		open.LocalPort = local.Port
 	}
 	c.connLog.write(&open)
+	c.mu.Lock()
+	rec.WroteRequest = true
+	c.mu.Unlock()
 	request := fmt.Sprintf("GET %s HTTP/1.1\r\nHost: %s\r\nUser-Agent: %s\r\n"+
 		"Accept: application/json\r\nConnection: close\r\n\r\n", path, t.remote, userAgent)
 	if _, err := tc.Write([]byte(request)); err != nil {
