@@ -97,6 +97,17 @@ def find_runs(paths: Iterable[Path]) -> list[RunRow]:
     return sorted(rows, key=lambda r: (r.started, r.run_dir))
 
 
+def newest_judged(runs_dir: Path) -> Path:
+    """The judged run (one with report.json) of `runs_dir` that started last: what `usmlab
+    open` shows when no run is named."""
+    if not runs_dir.exists():
+        raise UsageError(f"{runs_dir}: no such folder (name a run folder, or run `usmlab test`)")
+    judged = [r for r in find_runs([runs_dir]) if (Path(r.run_dir) / "report.json").is_file()]
+    if not judged:
+        raise UsageError(f"{runs_dir} holds no judged run (a run folder with report.json)")
+    return Path(judged[-1].run_dir)
+
+
 def runs_table(rows: list[RunRow]) -> str:
     lines = [
         f"{'started':<24} {'scenario':<22} {'target':<14} {'tracer':<20} {'outcome':<15} "

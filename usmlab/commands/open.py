@@ -18,18 +18,6 @@ from usmlab.commands import friendly
 from usmlab.errors import UsageError
 
 
-def newest_judged(runs_dir: Path) -> Path:
-    """The run folder under `runs_dir` (or `runs_dir` itself) with the newest report.json."""
-    from usmlab.analysis.runs import find_runs
-
-    if not runs_dir.exists():
-        raise UsageError(f"{runs_dir}: no such folder (name a run folder, or run `usmlab test`)")
-    judged = [r for r in find_runs([runs_dir]) if (Path(r.run_dir) / "report.json").is_file()]
-    if not judged:
-        raise UsageError(f"{runs_dir} holds no judged run (a run folder with report.json)")
-    return Path(judged[-1].run_dir)
-
-
 @friendly
 def open_cmd(
     run_dir: Annotated[
@@ -42,6 +30,7 @@ def open_cmd(
 ) -> None:
     """Open a run's report.html (written now if it is missing or older than report.json)."""
     from usmlab.analysis.html import write_html
+    from usmlab.analysis.runs import newest_judged
 
     if not (run_dir / "manifest.json").exists():
         run_dir = newest_judged(run_dir)
