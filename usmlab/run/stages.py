@@ -34,9 +34,37 @@ def url_of(host: str, port: int) -> str:
 # -- prepare ---------------------------------------------------------------------------------
 
 
+# The runs alive in a work dir: each marker (`_mark_active`) whose lifeline process still runs
+# (/proc, not kill -0: the lease may run as root through sudo).
+# Plain sh: it runs before the kit is uploaded. Prints "<run id> <pid>" per live run.
+_LIVE_RUNS = r"""
+for f in "$1"/*; do
+  [ -f "$f" ] || continue
+  pid=$(sed -n 's/.*"pid": *\([0-9][0-9]*\).*/\1/p' "$f")
+  [ -n "$pid" ] && [ -d "/proc/$pid" ] && printf '%s %s\n' "${f##*/}" "$pid"
+done
+exit 0
+"""
+
+
+def refuse_busy_target(ctx: RunContext) -> None:
+    """Another run alive in this work dir would have its kit (certificates included) replaced
+    under it, and the two would race for trace_pipe: refuse before uploading anything."""
+    target = ctx.target
+    active = target.join(target.work_dir, "active")
+    found = target.run(["sh", "-c", _LIVE_RUNS, "sh", active], check=False).stdout.split()
+    if len(found) >= 2:
+        run_id, pid = found[0], found[1]
+        raise UsmlabError(
+            f"target {target.label} is busy: run {run_id} (usmlab pid {pid}) is running in "
+            f"{target.work_dir}; wait for it to end, or give this run another --work-dir"
+        )
+
+
 def deploy(ctx: RunContext) -> None:
     """Upload the kit, clean leftovers, mark the run alive and learn about the target."""
     target = ctx.target
+    refuse_busy_target(ctx)
     ctx.progress(f"target {target.label}: deploying the lab kit")
     certs = ensure_certs(ctx.state_dir / "certs")
     files = kit_files()
