@@ -306,24 +306,32 @@ def test_a_run_whose_port_is_taken_after_its_check_fails_instead_of_borrowing(tm
     assert not (tmp_path / "foreign.jsonl").read_text()  # nothing reached the other server
 
 
-def test_a_run_on_a_busy_target_is_refused_before_anything_is_uploaded(tmp_path) -> None:
-    """Another run alive in the work dir (its marker's lifeline runs): this one would replace
-    its kit and certificates under it. Once that lifeline is gone, the next run goes ahead."""
+def test_a_run_does_not_replace_the_kit_under_a_live_run(tmp_path) -> None:
+    """Another run is alive in the work dir (its marker's lifeline runs): a run with other
+    certificates would replace the kit's CA under it, so it is refused before uploading; a
+    run with the same kit shares it (several targets on one machine); once the lifeline is
+    gone, the other certificates go ahead."""
     work = tmp_path / "work"
-    (work / "active").mkdir(parents=True)
+    first = lab_run(tmp_path / "a", LocalTarget(work), tracer="none").execute()
+    assert first.status == "complete", first.error
+    ca = (work / "kit" / "ca.pem").read_bytes()
     other = "20261201T000000Z-scenario3-local"
     lifeline = subprocess.Popen(["sleep", "60"])
     (work / "active" / other).write_text(json.dumps({"pid": lifeline.pid, "run_dir": "/x"}))
     try:
-        result = lab_run(tmp_path, LocalTarget(work), tracer="none").execute()
+        refused = lab_run(tmp_path / "b", LocalTarget(work), tracer="none").execute()
+        shared = lab_run(tmp_path / "a", LocalTarget(work), tracer="none").execute()
     finally:
         lifeline.kill()
         lifeline.wait()
-    assert result.status == "failed" and result.exit_code == EXIT_FAILED
-    assert f"is busy: run {other} (usmlab pid {lifeline.pid})" in (result.error or "")
-    assert not (work / "kit").exists()  # nothing uploaded
-    after = lab_run(tmp_path, LocalTarget(work), tracer="none").execute()
+    assert refused.status == "failed" and refused.exit_code == EXIT_FAILED
+    assert f"is busy: run {other} (usmlab pid {lifeline.pid})" in (refused.error or "")
+    assert "ca.pem" in (refused.error or "")
+    assert (work / "kit" / "ca.pem").read_bytes() == ca  # nothing replaced
+    assert shared.status == "complete", shared.error
+    after = lab_run(tmp_path / "b", LocalTarget(work), tracer="none").execute()
     assert after.status == "complete", after.error
+    assert (work / "kit" / "ca.pem").read_bytes() != ca
 
 
 def foreign_server(tmp_path: Path, port: int) -> subprocess.Popen:

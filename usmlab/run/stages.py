@@ -47,9 +47,10 @@ exit 0
 """
 
 
-def refuse_busy_target(ctx: RunContext) -> None:
-    """Another run alive in this work dir would have its kit (certificates included) replaced
-    under it, and the two would race for trace_pipe: refuse before uploading anything."""
+def refuse_kit_change_under_a_live_run(ctx: RunContext, changed: list[str]) -> None:
+    """The kit is about to change (`changed`: another usmlab version, or other certificates):
+    a run alive in this work dir would have it replaced under it (its clients would then fail
+    to verify its server). Runs sharing one kit (several targets on one machine) are fine."""
     target = ctx.target
     active = target.join(target.work_dir, "active")
     found = target.run(["sh", "-c", _LIVE_RUNS, "sh", active], check=False).stdout.split()
@@ -57,14 +58,14 @@ def refuse_busy_target(ctx: RunContext) -> None:
         run_id, pid = found[0], found[1]
         raise UsmlabError(
             f"target {target.label} is busy: run {run_id} (usmlab pid {pid}) is running in "
-            f"{target.work_dir}; wait for it to end, or give this run another --work-dir"
+            f"{target.work_dir} with another kit ({', '.join(changed[:3])} differ); wait for it "
+            "to end, or give this run another --work-dir"
         )
 
 
 def deploy(ctx: RunContext) -> None:
     """Upload the kit, clean leftovers, mark the run alive and learn about the target."""
     target = ctx.target
-    refuse_busy_target(ctx)
     ctx.progress(f"target {target.label}: deploying the lab kit")
     certs = ensure_certs(ctx.state_dir / "certs")
     files = kit_files()
@@ -72,7 +73,9 @@ def deploy(ctx: RunContext) -> None:
     files["server.pem"] = certs.server_cert
     files["server.key"] = certs.server_key
     ctx.kit_dir = target.join(target.work_dir, "kit")
-    uploaded = target.sync(files, ctx.kit_dir)
+    uploaded = target.sync(
+        files, ctx.kit_dir, lambda changed: refuse_kit_change_under_a_live_run(ctx, changed)
+    )
     ctx.remote_dir = target.run_dir_for(ctx.run_id, ctx.run_dir)
     ctx.manifest["kit"] = {"dir": ctx.kit_dir, "uploaded": uploaded}
     ctx.manifest["target"].update(run_dir=ctx.remote_dir, work_dir=target.work_dir)

@@ -265,8 +265,14 @@ class Target(ABC):
     def read_text(self, remote: str, sudo: bool = False) -> str:
         return self.run(["cat", "--", remote], sudo=sudo).stdout
 
-    def sync(self, files: Mapping[str, Path], remote_dir: str) -> list[str]:
-        """Upload files whose content differs on the target; returns the names uploaded."""
+    def sync(
+        self,
+        files: Mapping[str, Path],
+        remote_dir: str,
+        before_upload: Callable[[list[str]], None] | None = None,
+    ) -> list[str]:
+        """Upload files whose content differs on the target; returns the names uploaded.
+        `before_upload` sees those names first, and may refuse by raising."""
         names = sorted(files)
         remote_paths = [self.join(remote_dir, n) for n in names]
         listing = self.run(
@@ -278,12 +284,16 @@ class Target(ABC):
         for line in listing.splitlines():
             digest, _, path = line.partition("  ")
             remote_hashes[path] = digest
-        uploaded = []
-        for name, path in zip(names, remote_paths, strict=True):
-            if remote_hashes.get(path) != sha256_file(files[name]):
-                self.put(files[name], path, mode=files[name].stat().st_mode & 0o777)
-                uploaded.append(name)
-        return uploaded
+        changed = [
+            (name, path)
+            for name, path in zip(names, remote_paths, strict=True)
+            if remote_hashes.get(path) != sha256_file(files[name])
+        ]
+        if changed and before_upload is not None:
+            before_upload([name for name, _ in changed])
+        for name, path in changed:
+            self.put(files[name], path, mode=files[name].stat().st_mode & 0o777)
+        return [name for name, _ in changed]
 
 
 def sha256_file(path: Path) -> str:
