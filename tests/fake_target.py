@@ -73,7 +73,9 @@ class FakeTarget(Target):
     def get(self, remote: str, local: Path) -> None:
         raise AssertionError("the fake has no files to get")
 
-    def sync(self, files: Mapping[str, Path], remote_dir: str) -> list[str]:
+    def sync(
+        self, files: Mapping[str, Path], remote_dir: str, before_upload: object = None
+    ) -> list[str]:
         return []
 
     def fetch_dir(self, remote_dir: str, local_dir: Path) -> list[str]:
