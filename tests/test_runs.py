@@ -80,27 +80,29 @@ def test_summary_pools_counts_with_their_intervals_per_group(tmp_path: Path) -> 
 
 def test_summary_leaves_out_runs_that_measured_nothing_and_says_so(tmp_path: Path) -> None:
     """A failed run's "misattributed" (someone else's traffic its tracer saw while none of its
-    own requests got through) must not move the pooled rate; nor an untraced or blind run's."""
+    own requests got through) must not move the pooled rate; nor an untraced or blind run's.
+    A run stopped by Ctrl-C (how a day-long `--count 0` run ends) counts."""
     recorded_run(tmp_path, "a", sent=100, misattributed=0)
     recorded_run(tmp_path, "b", sent=20, misattributed=3, status="failed")
-    recorded_run(tmp_path, "c", sent=50, misattributed=0, status="interrupted")
+    recorded_run(tmp_path, "c", sent=50, misattributed=1, status="interrupted")
     recorded_run(tmp_path, "d", sent=40, misattributed=0, tracer="none", outcome="untraced")
     recorded_run(tmp_path, "e", sent=30, misattributed=0, missed=30, outcome="no-captures")
+    recorded_run(tmp_path, "f", sent=10, misattributed=0, status="abandoned")
     result = CliRunner().invoke(app, ["summary", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output
     (group,) = json.loads(result.stdout)
-    assert (group["runs"], group["sent"], group["misattributed"]["count"]) == (1, 100, 0)
-    assert group["left_out"] == {"failed": 1, "interrupted": 1, "no-captures": 1, "untraced": 1}
+    assert (group["runs"], group["sent"], group["misattributed"]["count"]) == (2, 150, 1)
+    assert group["left_out"] == {"abandoned": 1, "failed": 1, "no-captures": 1, "untraced": 1}
     table = CliRunner().invoke(app, ["summary", str(tmp_path)]).output
-    assert "(1 failed, 1 interrupted, 1 no-captures, 1 untraced)" in table
+    assert "(1 abandoned, 1 failed, 1 no-captures, 1 untraced)" in table
     listing = CliRunner().invoke(app, ["runs", str(tmp_path)]).output.splitlines()
     assert [line.split()[4] for line in listing[1:]] == [
-        "capture-works", "failed", "interrupted", "untraced", "no-captures",
+        "capture-works", "failed", "interrupted", "untraced", "no-captures", "abandoned",
     ]  # fmt: skip
     only_failed = CliRunner().invoke(
         app, ["compare", str(tmp_path / "a"), "--", str(tmp_path / "b")]
     )
-    assert only_failed.exit_code == 2 and "no complete traced run" in only_failed.output
+    assert only_failed.exit_code == 2 and "no traced run to count" in only_failed.output
 
 
 def test_compare_tells_before_from_after_a_fix(tmp_path: Path) -> None:

@@ -330,8 +330,8 @@ def _foreign_text(entry: dict[str, Any]) -> str:
 
 def status_note(status: str | None) -> str:
     """What a run's status says of its counts, for the verdict line (report.html says the same):
-    a run that did not complete judged only the requests made before it ended, and its rates
-    are left out of `usmlab summary` (analysis/runs.py)."""
+    a run that did not complete judged only the requests made before it ended (`usmlab
+    summary` pools an interrupted run's, not a failed one's: analysis/runs.py)."""
     if status in (None, "complete"):
         return ""
     return f"  (run {status}: only the requests made before it ended)"

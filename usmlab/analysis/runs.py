@@ -25,6 +25,7 @@ MISATTRIBUTED_KEYS = (
 )  # fmt: skip
 GROUPINGS = ("scenario", "tracer", "target", "key")
 JUDGED_OUTCOMES = ("capture-works", "misattribution")  # verdicts a pooled rate may count
+POOLED_STATUSES = ("complete", "interrupted")  # runs whose requests were all judged
 
 
 @dataclass(frozen=True)
@@ -136,12 +137,14 @@ def summarize(rows: list[RunRow], by: str | None) -> list[dict[str, Any]]:
 def left_out_because(row: RunRow) -> str | None:
     """Why a run's counts must not enter a pooled rate, or None when they may.
 
-    Only a complete run with a traced verdict measured what its counts claim: a failed run's
-    requests may never have reached the server (and what its tracer saw was someone else's), an
-    interrupted one stopped part-way, an untraced one cannot misattribute, a no-captures one saw
-    nothing. Pooling them would move the rate without a measurement behind it.
+    A run with a traced verdict that completed, or that was stopped by Ctrl-C (how a `--count 0`
+    run of a day ends; every request it made was judged), measured what its counts claim. A
+    failed run may not have (its tracer or target may be what failed, its requests may never
+    have reached a server), an abandoned one never finished, an untraced one cannot
+    misattribute, a no-captures one saw nothing: pooling them would move the rate without a
+    measurement behind it.
     """
-    if row.status != "complete":
+    if row.status not in POOLED_STATUSES:
         return row.status
     if row.outcome not in JUDGED_OUTCOMES:
         return row.outcome
@@ -192,7 +195,7 @@ def compare(a: list[RunRow], b: list[RunRow]) -> dict[str, Any]:
     for side in (left, right):
         if not side["runs"]:
             raise UsageError(
-                f"compare: group {side['group']} has no complete traced run to count "
+                f"compare: group {side['group']} has no traced run to count "
                 f"(left out: {left_out_text(side)})"
             )
     table = [
