@@ -172,7 +172,7 @@ def pool(name: str, members: list[RunRow]) -> dict[str, Any]:
 
 
 def left_out_text(group: dict[str, Any]) -> str:
-    return ", ".join(f"{n} {why}" for why, n in group["left_out"].items()) or "-"
+    return ", ".join(f"{n} {why}" for why, n in group["left_out"].items()) or "none"
 
 
 def summary_table(groups: list[dict[str, Any]]) -> str:
