@@ -133,7 +133,7 @@ def render_html(run_dir: Path) -> str:
         report=report, manifest=manifest, facts=facts, target=manifest.get("target") or {},
         timeline=timeline_svg(run_dir, manifest, report), colors=COLORS,
         parameters=manifest.get("parameters") or {},
-        status_note=status_note(manifest.get("status")).strip(" ()"),
+        status_note=status_note(manifest.get("status")),
         run_error=manifest.get("error"),
     )  # fmt: skip
 

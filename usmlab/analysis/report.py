@@ -334,15 +334,16 @@ def status_note(status: str | None) -> str:
     summary` pools an interrupted run's, not a failed one's: analysis/runs.py)."""
     if status in (None, "complete"):
         return ""
-    return f"  (run {status}: only the requests made before it ended)"
+    return f"run {status}: only the requests made before it ended"
 
 
 def render_table(report: Report, status: str | None = None) -> str:
     """A short plain-text summary for the terminal (at most ~15 lines); `status`: the run's,
     when it did not complete."""
     r = report.requests
+    note = status_note(status)
     lines = [
-        f"verdict          {report.outcome}{status_note(status)}",
+        f"verdict          {report.outcome}" + (f"  ({note})" if note else ""),
         f"requests sent    {r.get('sent', 0)}",
         f"  in client      {r.get('captured_client', 0)}",
         f"  in server      {r.get('captured_server', 0)}",

@@ -115,7 +115,7 @@ def runs_table(rows: list[RunRow]) -> str:
         f"{'sent':>8} {'misattr':>8} {'missed':>7}"
     ]
     for r in rows:
-        # A run that did not complete shows its status: its counts measured nothing.
+        # A run that did not complete shows its status: its counts cover only part of it.
         outcome = r.outcome if r.status == "complete" else r.status
         lines.append(
             f"{r.started[:23]:<24} {r.scenario:<22} {r.target:<14} {r.tracer:<20} "
@@ -152,11 +152,13 @@ def left_out_because(row: RunRow) -> str | None:
 
 
 def pool(name: str, members: list[RunRow]) -> dict[str, Any]:
-    counted = [r for r in members if left_out_because(r) is None]
+    counted: list[RunRow] = []
     left_out: dict[str, int] = {}
     for row in members:
         reason = left_out_because(row)
-        if reason is not None:
+        if reason is None:
+            counted.append(row)
+        else:
             left_out[reason] = left_out.get(reason, 0) + 1
     sent = sum(r.sent for r in counted)
     wrong = sum(r.misattributed for r in counted)

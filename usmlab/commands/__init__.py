@@ -20,7 +20,7 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from usmlab.errors import EXIT_FAILED, EXIT_READER_GONE, UsmlabError
+from usmlab.errors import EXIT_FAILED, EXIT_INTERRUPTED, EXIT_READER_GONE, UsmlabError
 from usmlab.progress import SILENCE, Phase, Progress, Reporter
 from usmlab.run.signals import interrupt
 
@@ -60,7 +60,7 @@ def friendly(func: F) -> F:
             raise typer.Exit(exc.exit_code) from None
         except KeyboardInterrupt:
             say("usmlab: interrupted")
-            raise typer.Exit(130) from None
+            raise typer.Exit(EXIT_INTERRUPTED) from None
         except (typer.Exit, typer.Abort):
             raise
         except BrokenPipeError:

@@ -78,7 +78,7 @@ def held_signals() -> Iterator[None]:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
     if caught:
-        interrupt(caught[0], None)
+        raise KeyboardInterrupt
 
 
 @contextlib.contextmanager
