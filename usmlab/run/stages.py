@@ -95,7 +95,9 @@ def deploy(ctx: RunContext) -> None:
 
 def _mark_active(ctx: RunContext) -> None:
     """Create the run folder on the target and, beside it, the marker that tells cleanup this
-    run is alive while its lifeline process is (one command: over SSH each is a round trip)."""
+    run is alive while its lifeline process is (one command: over SSH each is a round trip).
+    Its JSON ({"pid": ..., "run_dir": ...}) is read by kit/cleanup.py `read_markers` and, before
+    the kit is there, by `_LIVE_RUNS` above."""
     target = ctx.target
     pid = target.lifeline_pid()
     if pid is None:
